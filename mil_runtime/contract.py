@@ -1,0 +1,215 @@
+"""The ONNX contract: tensor names, and the `milkit.*` metadata every exported file carries.
+
+This module is the single definition shared by the exporter (which writes it) and the runtime (which
+reads and validates it). It depends on nothing but the standard library.
+
+Metadata lives in the ONNX file's `metadata_props` as string key/value pairs. Structured values are
+JSON. Keys (all prefixed ``milkit.``):
+
+| key              | value                                                                   |
+|------------------|-------------------------------------------------------------------------|
+| schema_version   | integer, `SCHEMA_VERSION`                                               |
+| kind             | "mil" or "encoder"                                                      |
+| model            | JSON {"name": registry name, "config": constructor kwargs}              |
+| task             | JSON {"n_classes": int, "class_names": [...], "activation": "sigmoid"/"softmax"} |
+| feature_dim      | integer: D of `features` (mil) or of the output (encoder)               |
+| inputs           | JSON list of input names, e.g. ["features", "mask"]                     |
+| graph            | JSON {"rule": "grid8", "params": {...}} or null                         |
+| encoder          | JSON {"name", "output_dim", "sha256"} or null (mil only)                |
+| tiling           | JSON {"tile_px": int, "mpp": float, "overlap": float} or null           |
+| version          | the milkit package version that wrote the file                          |
+| provenance       | JSON: free-form training provenance (dataset, epochs, metrics, date)    |
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mil_runtime.errors import ContractMismatchError, ModelFormatError
+
+SCHEMA_VERSION = 1
+PREFIX = "milkit."
+
+# MIL model graph
+FEATURES = "features"  # float32 [batch, bag, D]
+MASK = "mask"  # bool [batch, bag], True = real instance
+EDGE_INDEX = "edge_index"  # int64 [2, edges], into the flattened (batch * bag) node space
+EDGE_WEIGHT = "edge_weight"  # float32 [edges]
+COORDS = "coords"  # int64 [batch, bag, 2], grid units, (y, x)
+LOGITS = "logits"  # float32 [batch, n_classes]
+PROBABILITIES = "probabilities"  # float32 [batch, n_classes]
+ATTENTION = "attention"  # float32 [batch, bag]
+
+MIL_REQUIRED_INPUTS = (FEATURES, MASK)
+MIL_OPTIONAL_INPUTS = (EDGE_INDEX, EDGE_WEIGHT, COORDS)
+MIL_OUTPUTS = (LOGITS, PROBABILITIES, ATTENTION)
+
+# Encoder graph
+TILES = "tiles"  # uint8 [batch, H, W, 3] RGB
+ENCODER_OUTPUT = "features"  # float32 [batch, D]
+
+# Symbolic axis names
+BATCH_AXIS = "batch"
+BAG_AXIS = "bag"
+EDGES_AXIS = "edges"
+
+KINDS = ("mil", "encoder")
+
+
+@dataclass
+class EncoderRef:
+    """The encoder a MIL model was trained on: the runtime checks a found encoder against it."""
+
+    name: str
+    output_dim: int
+    sha256: str | None = None
+
+
+@dataclass
+class Tiling:
+    tile_px: int
+    mpp: float
+    overlap: float = 0.0
+
+
+@dataclass
+class ModelMetadata:
+    """Everything the runtime needs to know about an exported file, parsed and validated."""
+
+    kind: str
+    model_name: str
+    feature_dim: int
+    inputs: list[str]
+    model_config: dict[str, Any] = field(default_factory=dict)
+    n_classes: int | None = None
+    class_names: list[str] | None = None
+    activation: str | None = None
+    graph: dict[str, Any] | None = None
+    encoder: EncoderRef | None = None
+    tiling: Tiling | None = None
+    version: str = ""
+    provenance: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    # -- writing -----------------------------------------------------------------------------
+    def to_props(self) -> dict[str, str]:
+        """The `metadata_props` key/value strings to store in an ONNX file."""
+        task = None
+        if self.kind == "mil":
+            task = {"n_classes": self.n_classes, "class_names": self.class_names, "activation": self.activation}
+        values = {
+            "schema_version": str(self.schema_version),
+            "kind": self.kind,
+            "model": json.dumps({"name": self.model_name, "config": self.model_config}),
+            "task": json.dumps(task),
+            "feature_dim": str(self.feature_dim),
+            "inputs": json.dumps(list(self.inputs)),
+            "graph": json.dumps(self.graph),
+            "encoder": json.dumps(asdict(self.encoder) if self.encoder else None),
+            "tiling": json.dumps(asdict(self.tiling) if self.tiling else None),
+            "version": self.version,
+            "provenance": json.dumps(self.provenance),
+        }
+        return {PREFIX + k: v for k, v in values.items()}
+
+    # -- reading -----------------------------------------------------------------------------
+    @classmethod
+    def from_props(cls, props: dict[str, str], source: str = "model") -> "ModelMetadata":
+        """Parse and validate `metadata_props`; raise ModelFormatError saying what is wrong."""
+        if PREFIX + "schema_version" not in props:
+            raise ModelFormatError(
+                f"{source} is not a milkit model (no milkit.* metadata); export it with `mil-export`"
+            )
+        try:
+            version = int(props[PREFIX + "schema_version"])
+        except ValueError:
+            raise ModelFormatError(f"{source}: milkit.schema_version is not an integer") from None
+        if version > SCHEMA_VERSION:
+            raise ModelFormatError(
+                f"{source} uses metadata schema {version}, this milkit reads up to {SCHEMA_VERSION}; "
+                "upgrade milkit"
+            )
+
+        def get(key: str, parse_json: bool = True) -> Any:
+            if PREFIX + key not in props:
+                raise ModelFormatError(f"{source}: metadata key milkit.{key} is missing; re-export the model")
+            raw = props[PREFIX + key]
+            if not parse_json:
+                return raw
+            try:
+                return json.loads(raw)
+            except json.JSONDecodeError:
+                raise ModelFormatError(f"{source}: metadata key milkit.{key} is not valid JSON") from None
+
+        kind = get("kind", parse_json=False)
+        if kind not in KINDS:
+            raise ModelFormatError(f"{source}: milkit.kind is {kind!r}, expected one of {KINDS}")
+        model = get("model")
+        task = get("task") or {}
+        encoder = get("encoder")
+        tiling = get("tiling")
+        meta = cls(
+            kind=kind,
+            model_name=model.get("name", ""),
+            model_config=model.get("config", {}),
+            feature_dim=int(get("feature_dim")),
+            inputs=list(get("inputs")),
+            n_classes=task.get("n_classes"),
+            class_names=task.get("class_names"),
+            activation=task.get("activation"),
+            graph=get("graph"),
+            encoder=EncoderRef(**encoder) if encoder else None,
+            tiling=Tiling(**tiling) if tiling else None,
+            version=get("version", parse_json=False),
+            provenance=get("provenance") or {},
+            schema_version=version,
+        )
+        meta.validate(source)
+        return meta
+
+    def validate(self, source: str = "model") -> None:
+        if self.feature_dim <= 0:
+            raise ModelFormatError(f"{source}: feature_dim must be positive, got {self.feature_dim}")
+        if self.kind == "mil":
+            missing = [name for name in MIL_REQUIRED_INPUTS if name not in self.inputs]
+            if missing:
+                raise ModelFormatError(f"{source}: metadata lists no input {missing}; re-export the model")
+            unknown = [n for n in self.inputs if n not in MIL_REQUIRED_INPUTS + MIL_OPTIONAL_INPUTS]
+            if unknown:
+                raise ModelFormatError(f"{source}: unknown inputs {unknown} for schema {self.schema_version}")
+            if not self.n_classes or self.n_classes < 1:
+                raise ModelFormatError(f"{source}: task.n_classes must be >= 1")
+            if self.activation not in ("sigmoid", "softmax"):
+                raise ModelFormatError(f"{source}: task.activation must be sigmoid or softmax")
+            if self.class_names is not None and len(self.class_names) != max(self.n_classes, 2):
+                raise ModelFormatError(
+                    f"{source}: {len(self.class_names)} class names for n_classes={self.n_classes}"
+                )
+            if (EDGE_INDEX in self.inputs) != (self.graph is not None):
+                raise ModelFormatError(f"{source}: graph inputs and milkit.graph disagree")
+
+    # -- helpers ----------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        """Class names for reporting; binary models (n_classes=1) report two: negative, positive."""
+        if self.class_names:
+            return list(self.class_names)
+        n = max(self.n_classes or 1, 2)
+        return [f"class_{i}" for i in range(n)]
+
+    def check_feature_dim(self, dim: int, source: str) -> None:
+        if dim != self.feature_dim:
+            raise ContractMismatchError(
+                f"{source} has {dim}-d features but the model expects {self.feature_dim}-d; "
+                "encode the slide with the encoder the model was trained on"
+                + (f" ({self.encoder.name})" if self.encoder else "")
+            )
+
+
+def default_class_names(n_classes: int) -> list[str]:
+    """Binary (n_classes=1) gets ["negative", "positive"]; otherwise class_0..class_{n-1}."""
+    if n_classes == 1:
+        return ["negative", "positive"]
+    return [f"class_{i}" for i in range(n_classes)]

@@ -1,0 +1,83 @@
+"""onnxruntime sessions: provider choice (`--device auto|cpu|cuda`), threads, and metadata reading."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mil_runtime.contract import ModelMetadata
+from mil_runtime.errors import DeviceError, InputNotFoundError, MilkitError, ModelFormatError
+
+DEVICES = ("auto", "cpu", "cuda")
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise MilkitError(
+            "onnxruntime is not installed; install milkit[cpu] (or milkit[gpu] for CUDA, never both)"
+        ) from None
+    return onnxruntime
+
+
+@dataclass
+class Session:
+    """An onnxruntime session with the milkit metadata of its file and the device that runs it."""
+
+    inference: "object"  # onnxruntime.InferenceSession
+    metadata: ModelMetadata
+    path: Path
+    device: str  # "cuda" or "cpu": what actually runs, not what was asked for
+
+    def run(self, feeds: dict) -> dict:
+        names = [o.name for o in self.inference.get_outputs()]
+        return dict(zip(names, self.inference.run(names, feeds)))
+
+
+def _providers(device: str, available: list[str]) -> list[str]:
+    if device not in DEVICES:
+        raise DeviceError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return [CPU_PROVIDER]
+    if CUDA_PROVIDER in available:
+        return [CUDA_PROVIDER, CPU_PROVIDER]
+    if device == "cuda":
+        raise DeviceError(
+            "--device cuda: onnxruntime has no CUDA provider here (install milkit[gpu] on a machine with "
+            "CUDA and cuDNN, without the plain onnxruntime package), or use --device cpu / auto"
+        )
+    return [CPU_PROVIDER]
+
+
+def open_session(path: str | os.PathLike, device: str = "auto", threads: int | None = None) -> Session:
+    """Load an exported milkit file: check it exists, parse and validate its metadata, pick providers.
+
+    Raises InputNotFoundError, ModelFormatError (not ONNX, truncated, not milkit) or DeviceError.
+    """
+    ort = _onnxruntime()
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"model file not found: {path}")
+    providers = _providers(device, ort.get_available_providers())
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # errors only: the CLI reports problems itself
+    try:
+        inference = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own types for bad protobufs
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFormatError(f"{path} is not a readable ONNX model ({first[:200]})") from None
+    props = inference.get_modelmeta().custom_metadata_map
+    metadata = ModelMetadata.from_props(props, source=str(path))
+    ran = CUDA_PROVIDER if CUDA_PROVIDER in inference.get_providers() else CPU_PROVIDER
+    if device == "cuda" and ran != CUDA_PROVIDER:
+        raise DeviceError(
+            "--device cuda: the CUDA provider failed to start (CUDA 13 / cuDNN 9 libraries missing?); "
+            "use --device cpu or auto"
+        )
+    return Session(inference, metadata, path, "cuda" if ran == CUDA_PROVIDER else "cpu")

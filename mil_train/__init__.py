@@ -1,0 +1,8 @@
+"""milkit training side: bags, models, trainer (PyTorch)."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("milkit")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0"

@@ -1,0 +1,16 @@
+"""Registered MIL models. Importing this package registers every model module."""
+
+from mil_train.models.base import MILModel, MILOutput, masked_softmax
+from mil_train.models.registry import create_model, get_model_class, list_models, register_model
+from mil_train.models.abmil import ABMIL
+
+__all__ = [
+    "MILModel",
+    "MILOutput",
+    "masked_softmax",
+    "create_model",
+    "get_model_class",
+    "list_models",
+    "register_model",
+    "ABMIL",
+]

@@ -1,0 +1,96 @@
+"""`MILModel`: the interface every model implements, and `MILOutput`, what `forward` returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class MILOutput:
+    """What a MIL model returns.
+
+    logits:    (batch, n_classes)
+    attention: (batch, bag) per-instance pooling weights, sum 1 over real instances, 0 on padding
+    """
+
+    logits: torch.Tensor
+    attention: torch.Tensor
+
+
+class MILModel(nn.Module):
+    """Base class of every registered model.
+
+    Subclasses implement `forward(X, mask=None, *, edge_index=None, edge_weight=None, coords=None)`
+    and may extend `compute_loss` with auxiliary losses. `config` holds the constructor kwargs so a
+    checkpoint or an exported file can rebuild the model by name.
+
+    Class attributes describe which optional inputs the model consumes; the exporter reads them:
+      uses_graph  -> edge_index / edge_weight are inputs (graph rule in `graph_rule`)
+      uses_coords -> coords is an input
+    """
+
+    name: str = ""
+    uses_graph: bool = False
+    uses_coords: bool = False
+
+    def __init__(self, n_classes: int = 1, **config: Any) -> None:
+        super().__init__()
+        if n_classes < 1:
+            raise ValueError(f"n_classes must be >= 1, got {n_classes}")
+        self.n_classes = n_classes
+        self.config: dict[str, Any] = {"n_classes": n_classes, **config}
+
+    @property
+    def graph_rule(self) -> dict[str, Any] | None:
+        """The named graph rule ({"rule": ..., "params": ...}) for graph models, else None."""
+        return None
+
+    def forward(
+        self,
+        X: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        edge_index: torch.Tensor | None = None,
+        edge_weight: torch.Tensor | None = None,
+        coords: torch.Tensor | None = None,
+    ) -> MILOutput:
+        raise NotImplementedError
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Sigmoid for binary (n_classes=1), softmax otherwise."""
+        return torch.sigmoid(logits) if self.n_classes == 1 else torch.softmax(logits, dim=-1)
+
+    def classification_loss(self, logits: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        if self.n_classes == 1:
+            return nn.functional.binary_cross_entropy_with_logits(logits.reshape(-1), Y.reshape(-1).float())
+        return nn.functional.cross_entropy(logits, Y.reshape(-1).long())
+
+    def compute_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and named loss terms for a collated batch; "cls" is the classification loss.
+
+        Models with auxiliary losses override this and add terms under stable names; the Trainer
+        weighs each term by name.
+        """
+        out = self(
+            batch["X"],
+            batch.get("mask", None),
+            edge_index=batch.get("edge_index", None),
+            edge_weight=batch.get("edge_weight", None),
+            coords=batch.get("coords", None),
+        )
+        return out.logits, {"cls": self.classification_loss(out.logits, batch["Y"])}
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the bag axis that is exactly 0 on padding.
+
+    scores: (batch, bag); mask: (batch, bag) bool, True = real instance.
+    """
+    if mask is None:
+        return torch.softmax(scores, dim=-1)
+    scores = scores.masked_fill(~mask, float("-inf"))  # (batch, bag)
+    return torch.softmax(scores, dim=-1)

@@ -1,0 +1,34 @@
+"""Attention pooling (Ilse et al. 2018): scores each instance, pools the bag by the softmax weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mil_train.models.base import masked_softmax
+
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
+
+
+class AttentionPool(nn.Module):
+    """score_i = w^T (act(V h_i) [* sigmoid(U h_i)]), weights = masked softmax over the bag.
+
+    gated=True is the gated attention of Ilse et al.; gated=False the plain one.
+    """
+
+    def __init__(self, in_dim: int, att_dim: int = 128, act: str = "tanh", gated: bool = False) -> None:
+        super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"att_act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+        self.V = nn.Sequential(nn.Linear(in_dim, att_dim), ACTIVATIONS[act]())
+        self.U = nn.Sequential(nn.Linear(in_dim, att_dim), nn.Sigmoid()) if gated else None
+        self.w = nn.Linear(att_dim, 1, bias=False)
+
+    def forward(self, H: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        gate = self.V(H)  # (batch, bag, att_dim)
+        if self.U is not None:
+            gate = gate * self.U(H)  # (batch, bag, att_dim)
+        scores = self.w(gate).squeeze(-1)  # (batch, bag)
+        weights = masked_softmax(scores, mask)  # (batch, bag)
+        pooled = torch.bmm(weights.unsqueeze(1), H).squeeze(1)  # (batch, dim)
+        return pooled, weights
