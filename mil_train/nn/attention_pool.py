@@ -13,7 +13,8 @@ ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
 class AttentionPool(nn.Module):
     """score_i = w^T (act(V h_i) [* sigmoid(U h_i)]), weights = masked softmax over the bag.
 
-    gated=True is the gated attention of Ilse et al.; gated=False the plain one.
+    gated=True is the gated attention of Ilse et al.; gated=False the plain one. A bag must hold at
+    least one real instance (an all-padding row has no defined weights and gives NaN).
     """
 
     def __init__(self, in_dim: int, att_dim: int = 128, act: str = "tanh", gated: bool = False) -> None:
@@ -30,5 +31,8 @@ class AttentionPool(nn.Module):
             gate = gate * self.U(H)  # (batch, bag, att_dim)
         scores = self.w(gate).squeeze(-1)  # (batch, bag)
         weights = masked_softmax(scores, mask)  # (batch, bag)
+        if mask is not None:
+            # 0 * NaN/Inf is NaN: clear padded rows so whatever the padding holds cannot reach the pool.
+            H = H.masked_fill(~mask.unsqueeze(-1), 0.0)  # (batch, bag, dim)
         pooled = torch.bmm(weights.unsqueeze(1), H).squeeze(1)  # (batch, dim)
         return pooled, weights
