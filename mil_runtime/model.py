@@ -1,0 +1,261 @@
+"""Run an exported MIL model on bags of features: `load_model(path).predict(features)`.
+
+    runner = load_model("abmil.onnx", device="auto")
+    prediction = runner.predict(features, coords=grid_yx)   # (N, D) float32, (N, 2) int64 (y, x)
+    prediction.predicted_name, prediction.class_probabilities, prediction.attention
+
+Inputs are validated before onnxruntime sees them (feature dim, NaN/Inf, empty bag, coords for
+graph and spatial models), so every refusal is a milkit error with a message that says what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from mil_runtime import contract
+from mil_runtime.contract import ModelMetadata, default_class_names
+from mil_runtime.errors import ContractMismatchError, InvalidInputError, MilkitError, ModelFormatError
+from mil_runtime.session import Session, open_session
+
+
+@dataclass
+class Prediction:
+    """One bag's result.
+
+    logits, probabilities: (n_classes,) as the model outputs them (n_classes=1 for binary).
+    class_probabilities:   (len(class_names),): binary models report [1 - p, p].
+    attention:             (N,) per-instance weights, summing to 1.
+    """
+
+    logits: np.ndarray
+    probabilities: np.ndarray
+    class_probabilities: np.ndarray
+    class_names: list[str]
+    predicted_index: int
+    attention: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def predicted_name(self) -> str:
+        return self.class_names[self.predicted_index]
+
+    @property
+    def probability(self) -> float:
+        """Probability of the predicted class."""
+        return float(self.class_probabilities[self.predicted_index])
+
+    def probabilities_by_name(self) -> dict[str, float]:
+        return {name: float(p) for name, p in zip(self.class_names, self.class_probabilities)}
+
+
+def _count_rows(rows: np.ndarray) -> str:
+    return f"{int(rows.sum())} row" + ("" if rows.sum() == 1 else "s")
+
+
+class MILRunner:
+    """An exported MIL model ready to predict. Build it with `load_model`."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.metadata: ModelMetadata = session.metadata
+        self.class_names = self.metadata.class_names or default_class_names(self.metadata.n_classes)
+        self._check_graph_signature()
+
+    # -- identity ------------------------------------------------------------------------------
+    @property
+    def device(self) -> str:
+        """"cuda" or "cpu": what runs, not what was asked for."""
+        return self.session.device
+
+    @property
+    def path(self) -> Path:
+        return self.session.path
+
+    @cached_property
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    @property
+    def needs_coords(self) -> bool:
+        """Graph and spatial models need each instance's grid position."""
+        return contract.COORDS in self.metadata.inputs or self.metadata.graph is not None
+
+    def _check_graph_signature(self) -> None:
+        """The ONNX graph's inputs and outputs must be the ones its metadata promises."""
+        graph_inputs = {i.name for i in self.session.inference.get_inputs()}
+        graph_outputs = {o.name: o for o in self.session.inference.get_outputs()}
+        source = str(self.path)
+        if graph_inputs != set(self.metadata.inputs):
+            raise ModelFormatError(
+                f"{source}: graph inputs {sorted(graph_inputs)} differ from milkit.inputs "
+                f"{sorted(self.metadata.inputs)}; re-export the model with mil-export"
+            )
+        missing = [name for name in contract.MIL_OUTPUTS if name not in graph_outputs]
+        if missing:
+            raise ModelFormatError(f"{source}: graph has no output {missing}; re-export the model with mil-export")
+        width = graph_outputs[contract.LOGITS].shape[-1]
+        if isinstance(width, int) and width != self.metadata.n_classes:
+            raise ModelFormatError(
+                f"{source}: logits have {width} columns but milkit.task says n_classes="
+                f"{self.metadata.n_classes}; re-export the model"
+            )
+
+    # -- validation ----------------------------------------------------------------------------
+    def _check_features(self, features: np.ndarray, source: str) -> np.ndarray:
+        features = np.asarray(features)
+        if features.ndim != 2:
+            raise InvalidInputError(f"{source}: features have shape {features.shape}, expected (N, D)")
+        if features.shape[0] == 0:
+            raise InvalidInputError(f"{source}: the bag is empty (0 instances); there is nothing to predict")
+        self.metadata.check_feature_dim(features.shape[1], source)
+        if not np.issubdtype(features.dtype, np.number):
+            raise InvalidInputError(f"{source}: features have dtype {features.dtype}, expected floats")
+        features = np.ascontiguousarray(features, dtype=np.float32)  # (N, D)
+        nan_rows = np.isnan(features).any(axis=1)  # (N,)
+        inf_rows = np.isinf(features).any(axis=1)  # (N,)
+        if nan_rows.any() or inf_rows.any():
+            found = [f"NaN in {_count_rows(nan_rows)}"] if nan_rows.any() else []
+            found += [f"Inf in {_count_rows(inf_rows)}"] if inf_rows.any() else []
+            raise InvalidInputError(
+                f"{source}: features contain {' and '.join(found)} of {features.shape[0]}; "
+                "re-encode the slide or drop those tiles"
+            )
+        return features
+
+    def _check_coords(self, coords: np.ndarray | None, n: int, source: str) -> np.ndarray | None:
+        if coords is None:
+            if self.needs_coords:
+                raise ContractMismatchError(
+                    f"{source}: model {self.metadata.model_name} needs tile coordinates "
+                    "(a `coords` dataset in the feature file); re-extract features with coords"
+                )
+            return None
+        coords = np.asarray(coords)
+        if coords.shape != (n, 2):
+            raise InvalidInputError(f"{source}: coords have shape {coords.shape}, expected ({n}, 2) grid (y, x)")
+        if not np.issubdtype(coords.dtype, np.integer):
+            raise InvalidInputError(f"{source}: coords must be integer grid positions, got {coords.dtype}")
+        return coords.astype(np.int64)  # (N, 2) (y, x)
+
+    # -- running -------------------------------------------------------------------------------
+    def _graph(self, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from mil_runtime.graphs import build_graph  # only graph models pay for it
+
+        rule = self.metadata.graph or {}
+        edge_index, edge_weight = build_graph(coords, rule["rule"], **(rule.get("params") or {}))
+        return np.asarray(edge_index, dtype=np.int64), np.asarray(edge_weight, dtype=np.float32)
+
+    def _feeds(self, features: np.ndarray, mask: np.ndarray, coords: list[np.ndarray | None]) -> dict:
+        """ONNX inputs for a padded batch: features (B, N, D), mask (B, N), coords of each bag."""
+        feeds = {contract.FEATURES: features, contract.MASK: mask}
+        batch, bag = mask.shape
+        if contract.COORDS in self.metadata.inputs:
+            padded = np.zeros((batch, bag, 2), dtype=np.int64)  # (B, N, 2)
+            for b, bag_coords in enumerate(coords):
+                padded[b, : len(bag_coords)] = bag_coords
+            feeds[contract.COORDS] = padded
+        if contract.EDGE_INDEX in self.metadata.inputs:
+            edges, weights = [], []
+            for b, bag_coords in enumerate(coords):
+                edge_index, edge_weight = self._graph(bag_coords)  # (2, E_b), (E_b,)
+                edges.append(edge_index + b * bag)  # into the flattened (B * N) node space
+                weights.append(edge_weight)
+            feeds[contract.EDGE_INDEX] = np.concatenate(edges, axis=1)  # (2, E)
+            feeds[contract.EDGE_WEIGHT] = np.concatenate(weights)  # (E,)
+        return feeds
+
+    def _run(self, feeds: dict) -> dict:
+        try:
+            return self.session.run(feeds)
+        except MilkitError:
+            raise
+        except Exception as exc:  # onnxruntime's own failure types
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise MilkitError(f"{self.path}: onnxruntime failed ({first[:200]})") from exc
+
+    def _prediction(self, logits: np.ndarray, probabilities: np.ndarray, attention: np.ndarray) -> Prediction:
+        logits = logits.astype(np.float32)  # (C,)
+        probabilities = probabilities.astype(np.float32)  # (C,)
+        if self.metadata.n_classes == 1:
+            positive = float(probabilities[0])
+            class_probabilities = np.array([1.0 - positive, positive], dtype=np.float32)  # (2,)
+            predicted = int(positive >= 0.5)
+        else:
+            class_probabilities = probabilities
+            predicted = int(np.argmax(probabilities))
+        return Prediction(
+            logits=logits,
+            probabilities=probabilities,
+            class_probabilities=class_probabilities,
+            class_names=list(self.class_names),
+            predicted_index=predicted,
+            attention=attention.astype(np.float32),
+        )
+
+    def predict(self, features: np.ndarray, coords: np.ndarray | None = None, *, source: str = "features") -> Prediction:
+        """Predict one bag: features (N, D); coords (N, 2) int grid (y, x), needed by graph/spatial models.
+
+        `source` names the input in error messages.
+        """
+        return self.predict_batch([(features, coords)], sources=[source])[0]
+
+    def predict_batch(
+        self,
+        bags: Sequence[np.ndarray | tuple[np.ndarray, np.ndarray | None]],
+        *,
+        sources: Sequence[str] | None = None,
+    ) -> list[Prediction]:
+        """Predict several bags in one run, padded to the largest with a mask.
+
+        Each bag is a features array (N_i, D) or a (features, coords) pair.
+        """
+        if len(bags) == 0:
+            return []
+        sources = list(sources) if sources is not None else [f"bag {i}" for i in range(len(bags))]
+        checked_features, checked_coords = [], []
+        for bag, source in zip(bags, sources):
+            bag_features, bag_coords = bag if isinstance(bag, tuple) else (bag, None)
+            bag_features = self._check_features(bag_features, source)
+            checked_features.append(bag_features)
+            checked_coords.append(self._check_coords(bag_coords, len(bag_features), source))
+
+        sizes = [len(f) for f in checked_features]
+        features = np.zeros((len(bags), max(sizes), self.metadata.feature_dim), dtype=np.float32)  # (B, N, D)
+        mask = np.zeros((len(bags), max(sizes)), dtype=bool)  # (B, N)
+        for b, bag_features in enumerate(checked_features):
+            features[b, : sizes[b]] = bag_features
+            mask[b, : sizes[b]] = True
+        outputs = self._run(self._feeds(features, mask, checked_coords))
+        return [
+            self._prediction(
+                outputs[contract.LOGITS][b],  # (C,)
+                outputs[contract.PROBABILITIES][b],  # (C,)
+                outputs[contract.ATTENTION][b, : sizes[b]],  # (N_b,)
+            )
+            for b in range(len(bags))
+        ]
+
+
+def load_model(path: str | os.PathLike, device: str = "auto", threads: int | None = None) -> MILRunner:
+    """Open an exported milkit MIL model.
+
+    Raises InputNotFoundError, ModelFormatError (unreadable, not milkit, or an encoder) or DeviceError.
+    """
+    session = open_session(path, device=device, threads=threads)
+    if session.metadata.kind != "mil":
+        raise ModelFormatError(
+            f"{path} is a milkit {session.metadata.kind} ({session.metadata.model_name}), not a MIL model; "
+            "pass it with --encoder and give --model the MIL model"
+        )
+    return MILRunner(session)
