@@ -1,0 +1,342 @@
+"""`Trainer`: fits any registered MIL model on collated bag batches.
+
+The loss is the weighted sum of the terms `model.compute_loss(batch)` returns (weight 1 for a term
+not named in `loss_weights`). After each epoch the Trainer evaluates the validation loader, logs one
+CSV row, keeps the best weights by the monitored quantity (saving them as a checkpoint when asked),
+stops early after `patience` epochs without improvement, and finally restores the best weights.
+
+    trainer = Trainer(model, lr=5e-4, epochs=50, patience=10, monitor="val_auroc")
+    history = trainer.fit(make_loader(train_bags, batch_size=1, shuffle=True), make_loader(val_bags))
+    print(trainer.evaluate(make_loader(test_bags)))
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import math
+import os
+import random
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from mil_train.checkpoint import save_checkpoint
+from mil_train.metrics import METRIC_NAMES, classification_metrics
+from mil_train.models.base import MILModel
+
+OptimizerArg = torch.optim.Optimizer | Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer] | None
+SchedulerArg = Any  # an LR scheduler instance, or a callable optimizer -> scheduler
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch so model init, dropout and shuffling repeat run to run."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_loader(
+    bags: Sequence[Any],
+    batch_size: int = 1,
+    shuffle: bool = False,
+    seed: int = 0,
+    collate_fn: Callable | None = None,
+    **kwargs: Any,
+) -> DataLoader:
+    """A DataLoader over bags with `mil_train.data.collate` and its own seeded shuffling generator.
+
+    The generator makes the shuffle order a function of `seed` alone, independent of how much of
+    the global RNG model init or dropout consumed.
+    """
+    if collate_fn is None:
+        from mil_train.data import collate as collate_fn
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(bags, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_fn, generator=generator, **kwargs)
+
+
+def _monitor_mode(monitor: str, mode: str | None) -> str:
+    if mode is not None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        return mode
+    return "min" if monitor.endswith("loss") else "max"
+
+
+class Trainer:
+    """Trains a `MILModel`; see the module docstring.
+
+    Args:
+        model: any registered MIL model.
+        lr, weight_decay: for the default optimizer, Adam.
+        optimizer: an optimizer instance over `model`'s parameters, or a callable params -> optimizer.
+        scheduler: an LR scheduler instance or a callable optimizer -> scheduler; stepped once per
+            epoch (ReduceLROnPlateau with the monitored value).
+        loss_weights: weight per loss-term name; terms not listed weigh 1.
+        epochs: maximum number of epochs.
+        patience: stop after this many epochs without improvement of `monitor`; None never stops early.
+        monitor: "val_loss" or "val_<metric>" (auroc, accuracy, balanced_accuracy, f1; "auroc" alone
+            means "val_auroc"). Without a validation loader the Trainer monitors "train_loss".
+        mode: "min" or "max"; default "min" for losses, "max" for metrics.
+        device: torch device the model and batches move to.
+        seed: seeds Python/numpy/torch at the start of `fit` (dropout, sampling).
+        progress: tqdm bar over epochs on stderr.
+        log_csv: path of a CSV log, one row per epoch, rewritten atomically each epoch.
+        checkpoint_path: where the best model is saved (mil_train.checkpoint format).
+        class_names, provenance: stored in the checkpoint.
+        grad_clip: max gradient norm, or None.
+    """
+
+    def __init__(
+        self,
+        model: MILModel,
+        *,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        optimizer: OptimizerArg = None,
+        scheduler: SchedulerArg = None,
+        loss_weights: dict[str, float] | None = None,
+        epochs: int = 100,
+        patience: int | None = None,
+        monitor: str = "val_loss",
+        mode: str | None = None,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        progress: bool = True,
+        log_csv: str | os.PathLike | None = None,
+        checkpoint_path: str | os.PathLike | None = None,
+        class_names: list[str] | None = None,
+        provenance: dict[str, Any] | None = None,
+        grad_clip: float | None = None,
+    ) -> None:
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        if patience is not None and patience < 1:
+            raise ValueError(f"patience must be >= 1 or None, got {patience}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.optimizer = self._build_optimizer(optimizer, lr, weight_decay)
+        self.scheduler = self._build_scheduler(scheduler)
+        self.loss_weights = dict(loss_weights or {})
+        self.epochs = epochs
+        self.patience = patience
+        self.monitor = self._normalise_monitor(monitor)
+        self.mode = _monitor_mode(self.monitor, mode)
+        self.seed = seed
+        self.progress = progress
+        self.log_csv = Path(log_csv) if log_csv is not None else None
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
+        self.class_names = class_names
+        self.provenance = dict(provenance or {})
+        self.grad_clip = grad_clip
+        self.history: list[dict[str, float]] = []
+        self.best_epoch: int | None = None
+        self.best_value: float | None = None
+
+    # -- set-up -----------------------------------------------------------------------------------
+
+    def _build_optimizer(self, optimizer: OptimizerArg, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+        if optimizer is None:
+            return torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=weight_decay)
+        if isinstance(optimizer, torch.optim.Optimizer):
+            return optimizer
+        return optimizer(self.model.parameters())
+
+    def _build_scheduler(self, scheduler: SchedulerArg) -> Any:
+        if scheduler is None or isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+            return scheduler
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            return scheduler
+        return scheduler(self.optimizer)
+
+    @staticmethod
+    def _normalise_monitor(monitor: str) -> str:
+        if monitor in METRIC_NAMES:
+            monitor = f"val_{monitor}"
+        allowed = {"val_loss", "train_loss", *(f"val_{m}" for m in METRIC_NAMES)}
+        if monitor not in allowed and not monitor.startswith(("val_", "train_")):
+            raise ValueError(f"monitor must be one of {sorted(allowed)} (or a val_/train_ loss term), got {monitor!r}")
+        return monitor
+
+    # -- one step, one pass -----------------------------------------------------------------------
+
+    def _to_device(self, batch: Any) -> Any:
+        return batch.to(self.device) if hasattr(batch, "to") else batch
+
+    def _weighted_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(self.loss_weights.get(name, 1.0) * value for name, value in terms.items())
+
+    def _train_epoch(self, loader: DataLoader) -> dict[str, float]:
+        self.model.train()
+        sums: dict[str, float] = {}
+        n_bags = 0
+        for batch in loader:
+            batch = self._to_device(batch)
+            _, terms = self.model.compute_loss(batch)
+            loss = self._weighted_loss(terms)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"training loss became {loss.item()}; lower the learning rate or set grad_clip"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.optimizer.step()
+            size = int(batch["X"].shape[0])
+            n_bags += size
+            for name, value in {"loss": loss, **terms}.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach()) * size
+        if n_bags == 0:
+            raise ValueError("the training loader yielded no bags")
+        return {name: total / n_bags for name, total in sums.items()}
+
+    @torch.no_grad()
+    def _eval_pass(self, loader: DataLoader, keep_attention: bool = False) -> dict[str, Any]:
+        """Logits, labels, mean loss terms (and per-bag attention) over a loader, in eval mode."""
+        was_training = self.model.training
+        self.model.eval()
+        logits, labels, attention = [], [], []
+        sums: dict[str, float] = {}
+        n_bags = 0
+        try:
+            for batch in loader:
+                batch = self._to_device(batch)
+                if keep_attention:
+                    out = self.model(
+                        batch["X"],
+                        batch.get("mask", None),
+                        edge_index=batch.get("edge_index", None),
+                        edge_weight=batch.get("edge_weight", None),
+                        coords=batch.get("coords", None),
+                    )
+                    mask = batch.get("mask", None)
+                    for i in range(out.attention.shape[0]):
+                        row = out.attention[i]  # (bag,)
+                        attention.append((row[mask[i]] if mask is not None else row).cpu())
+                batch_logits, terms = self.model.compute_loss(batch)
+                size = int(batch_logits.shape[0])
+                n_bags += size
+                for name, value in {"loss": self._weighted_loss(terms), **terms}.items():
+                    sums[name] = sums.get(name, 0.0) + float(value) * size
+                logits.append(batch_logits.cpu())
+                labels.append(batch["Y"].reshape(size, -1).cpu())
+        finally:
+            self.model.train(was_training)
+        if n_bags == 0:
+            raise ValueError("the evaluation loader yielded no bags")
+        result = {
+            "logits": torch.cat(logits),  # (n_bags, n_classes)
+            "Y": torch.cat(labels).squeeze(-1),  # (n_bags,)
+            "losses": {name: total / n_bags for name, total in sums.items()},
+        }
+        if keep_attention:
+            result["attention"] = attention
+        return result
+
+    # -- public API -------------------------------------------------------------------------------
+
+    def evaluate(self, loader: DataLoader) -> dict[str, float]:
+        """Mean loss, each loss term, and the classification metrics over `loader` (eval mode, no grad)."""
+        result = self._eval_pass(loader)
+        probabilities = self.model.probabilities(result["logits"]).numpy()
+        metrics = classification_metrics(result["Y"].numpy(), probabilities, self.model.n_classes)
+        return {**result["losses"], **metrics}
+
+    def predict(self, loader: DataLoader) -> dict[str, Any]:
+        """Per-bag outputs in loader order.
+
+        Returns {"logits": (n_bags, n_classes), "probabilities": (n_bags, n_classes), "Y": (n_bags,),
+        "attention": list of (N_i,) tensors, padding removed}.
+        """
+        result = self._eval_pass(loader, keep_attention=True)
+        return {
+            "logits": result["logits"],
+            "probabilities": self.model.probabilities(result["logits"]),
+            "Y": result["Y"],
+            "attention": result["attention"],
+        }
+
+    def fit(self, train_loader: DataLoader, val_loader: DataLoader | None = None) -> list[dict[str, float]]:
+        """Train; returns the history (one dict per epoch) and leaves the best weights in the model."""
+        monitor = self.monitor if val_loader is not None else "train_loss"
+        mode = self.mode if val_loader is not None else "min"
+        seed_everything(self.seed)
+        self.history, self.best_epoch, self.best_value = [], None, None
+        best_state = None
+        bar = tqdm(range(1, self.epochs + 1), desc="epochs", file=sys.stderr, disable=not self.progress, leave=False)
+        for epoch in bar:
+            row: dict[str, float] = {"epoch": epoch}
+            row.update({f"train_{k}": v for k, v in self._train_epoch(train_loader).items()})
+            if val_loader is not None:
+                row.update({f"val_{k}": v for k, v in self.evaluate(val_loader).items()})
+            row["lr"] = self.optimizer.param_groups[0]["lr"]
+            if monitor not in row:
+                raise ValueError(f"monitor {monitor!r} is not among the logged values {sorted(row)}")
+            self.history.append(row)
+            self._write_log()
+            value = row[monitor]
+            self._step_scheduler(value)
+            if self._improved(value, mode):
+                self.best_epoch, self.best_value = epoch, value
+                best_state = copy.deepcopy(self.model.state_dict())
+                self._save_best(epoch, monitor)
+            bar.set_postfix({monitor: f"{value:.4f}", "best": self.best_epoch})
+            if self.patience is not None and epoch - (self.best_epoch or 0) >= self.patience:
+                break
+        if best_state is not None:
+            self.model.load_state_dict(best_state)
+        return self.history
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+
+    def _improved(self, value: float, mode: str) -> bool:
+        if math.isnan(value):
+            return False
+        if self.best_value is None or math.isnan(self.best_value):
+            return True
+        return value < self.best_value if mode == "min" else value > self.best_value
+
+    def _step_scheduler(self, value: float) -> None:
+        if self.scheduler is None:
+            return
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(value)
+        else:
+            self.scheduler.step()
+
+    def _save_best(self, epoch: int, monitor: str) -> None:
+        if self.checkpoint_path is None:
+            return
+        provenance = {
+            **self.provenance,
+            "epoch": epoch,
+            "monitor": monitor,
+            "monitor_value": float(self.best_value),
+            "seed": self.seed,
+            "metrics": {k: float(v) for k, v in self.history[-1].items()},
+            "torch_version": str(torch.__version__),
+        }
+        save_checkpoint(self.model, self.checkpoint_path, class_names=self.class_names, provenance=provenance)
+
+    def _write_log(self) -> None:
+        """Rewrite the whole CSV each epoch via a temp file, so a crash never leaves a torn row."""
+        if self.log_csv is None:
+            return
+        columns: list[str] = []
+        for row in self.history:
+            columns += [k for k in row if k not in columns]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(self.history)
+        tmp = self.log_csv.with_name(self.log_csv.name + ".tmp")
+        tmp.write_text(buffer.getvalue())
+        os.replace(tmp, self.log_csv)
