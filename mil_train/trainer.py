@@ -57,7 +57,7 @@ def make_loader(
     the global RNG model init or dropout consumed.
     """
     if collate_fn is None:
-        from mil_train.data import collate as collate_fn
+        from mil_train.data.collate import collate as collate_fn
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(bags, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_fn, generator=generator, **kwargs)
 
