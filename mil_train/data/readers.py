@@ -1,0 +1,135 @@
+"""Readers for bag files: CLAM/TRIDENT feature .h5, classic MIL CSVs, single arrays in .npy / .h5.
+
+Coordinates in every bag are (y, x) grid units: level-0 pixels // tile stride (DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+from tensordict import TensorDict
+
+from mil_train.data.bag import make_bag
+
+ARRAY_SUFFIXES = (".npy", ".h5")
+
+
+def _existing(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (or is not a file); check the path")
+    return path
+
+
+def _single_dataset(h5: h5py.File, preferred: str, path: Path) -> np.ndarray:
+    """The dataset named `preferred`, else the file's only dataset."""
+    if preferred in h5 and isinstance(h5[preferred], h5py.Dataset):
+        return h5[preferred][()]
+    datasets = [key for key in h5 if isinstance(h5[key], h5py.Dataset)]
+    if len(datasets) != 1:
+        raise ValueError(f"{path}: expected a dataset named {preferred!r} or exactly one dataset, found {datasets}")
+    return h5[datasets[0]][()]
+
+
+def load_array(path: str | os.PathLike, key: str = "features") -> np.ndarray:
+    """One array from a .npy file (pickles refused) or an .h5 file (dataset `key`, else the only one)."""
+    path = _existing(path)
+    if path.suffix == ".npy":
+        try:
+            return np.load(path, allow_pickle=False)
+        except ValueError as exc:  # object arrays need pickle: refused on purpose
+            raise ValueError(f"{path}: cannot read without unpickling ({exc}); save plain numeric arrays") from None
+    if path.suffix == ".h5":
+        with h5py.File(path, "r") as h5:
+            return _single_dataset(h5, key, path)
+    raise ValueError(f"{path}: unsupported suffix {path.suffix!r}; use one of {ARRAY_SUFFIXES}")
+
+
+# -- CLAM / TRIDENT ------------------------------------------------------------------------------
+
+
+def _min_gap(coords_px: np.ndarray) -> int | None:
+    """Smallest positive gap between distinct x or y positions: the stride of a regular tile grid."""
+    gaps = [int(np.diff(values).min()) for values in map(np.unique, coords_px.T) if values.size > 1]
+    return min(gaps) if gaps else None
+
+
+def _attr_stride(attrs: h5py.AttributeManager) -> int | None:
+    """Level-0 stride from the attributes milkit/TRIDENT (`patch_size_level0`) or CLAM
+    (`patch_size` read at a level with `downsample`) write; None when they do not say."""
+    if attrs.get("patch_size_level0") is not None:
+        return int(np.asarray(attrs["patch_size_level0"]).reshape(-1)[0])
+    if attrs.get("patch_size") is None:
+        return None
+    patch_size = float(np.asarray(attrs["patch_size"]).reshape(-1)[0])
+    if attrs.get("downsample") is not None:
+        downsample = float(np.asarray(attrs["downsample"], dtype=np.float64).reshape(-1)[0])
+        return int(round(patch_size * downsample))
+    if int(np.asarray(attrs.get("patch_level", 0)).reshape(-1)[0]) == 0:
+        return int(patch_size)
+    return None
+
+
+def level0_stride(coords_px: np.ndarray, attrs: h5py.AttributeManager | dict) -> int:
+    """Tile stride in level-0 pixels: `patch_size_level0`; else `patch_size * downsample` (CLAM; a
+    level-0 read needs no downsample); else the smallest positive coordinate gap. When the attributes'
+    stride would put two tiles in one cell (overlapping tiles), the coordinate gap is used."""
+    stride = _attr_stride(attrs)
+    gap = _min_gap(coords_px)
+    if stride is None or (gap is not None and gap < stride):
+        stride = gap
+    return max(int(stride or 1), 1)
+
+
+def read_clam_h5(path: str | os.PathLike, label=None) -> TensorDict:
+    """A bag from a CLAM/TRIDENT feature file: `features` (N, D) and `coords` (N, 2) level-0 (x, y).
+
+    coords become (y, x) grid units: level-0 pixels // `level0_stride`. `label` (default NaN: unknown)
+    becomes Y. A leading batch axis of one, (1, N, D), is dropped as some extractors write it.
+    """
+    path = _existing(path)
+    with h5py.File(path, "r") as h5:
+        if "features" not in h5:
+            raise ValueError(f"{path}: no `features` dataset (found {sorted(h5)}); expected a CLAM/TRIDENT file")
+        features = h5["features"][()]
+        features = features[0] if features.ndim == 3 and features.shape[0] == 1 else features  # (N, D)
+        coords = None
+        if "coords" in h5:
+            coords_px = h5["coords"][()]
+            coords_px = coords_px[0] if coords_px.ndim == 3 and coords_px.shape[0] == 1 else coords_px
+            if coords_px.shape != (features.shape[0], 2):
+                raise ValueError(f"{path}: coords {coords_px.shape} do not match features {features.shape}")
+            coords_px = coords_px.astype(np.int64)
+            stride = level0_stride(coords_px, h5["coords"].attrs)
+            coords = coords_px[:, ::-1] // stride  # (N, 2) (y, x) grid units
+    Y = np.float32(np.nan) if label is None else label
+    coords = None if coords is None else np.ascontiguousarray(coords)
+    return make_bag(np.asarray(features, dtype=np.float32), Y, coords=coords)
+
+
+# -- classic MIL CSV -----------------------------------------------------------------------------
+
+
+def read_mil_csv(path: str | os.PathLike) -> list[TensorDict]:
+    """Bags from a classic MIL CSV (no header; column 0 instance label, column 1 bag id, rest features).
+
+    Bags come in order of first appearance; Y is float 0/1 = whether any instance is positive (label -1
+    read as 0); y_inst holds the instance labels as 0/1.
+    """
+    path = _existing(path)
+    table = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
+    if table.shape[1] < 3:
+        raise ValueError(f"{path}: {table.shape[1]} columns; expected label, bag id, then features")
+    labels = (table[:, 0] > 0).astype(np.int64)  # -1/0 -> 0, 1 -> 1
+    bag_ids = table[:, 1]
+    _, first = np.unique(bag_ids, return_index=True)
+    bags = []
+    for bag_id in bag_ids[np.sort(first)]:  # order of first appearance
+        rows = bag_ids == bag_id
+        y_inst = labels[rows]
+        features = table[rows, 2:].astype(np.float32)
+        bags.append(make_bag(features, np.float32(y_inst.max()), y_inst=y_inst))
+    return bags
