@@ -1,0 +1,310 @@
+"""Tile encoders as exportable graphs: uint8 RGB tiles in, features out, preprocessing inside.
+
+`TileEncoder` wraps a backbone with the preprocessing a runtime must never have to know:
+uint8 NHWC -> float NCHW in [0, 1] -> bilinear resize to the network's input size -> (x - mean) / std.
+
+Resize choice: bilinear, align_corners=False, antialias=True. With antialias the ONNX graph gets
+`Resize(mode=linear, antialias=1)`, which onnxruntime matches (tested), and downscaling a large tile
+averages over the source pixels the way PIL and torchvision's default Resize do at training time. When
+tiles already have the input size the resize is an exact identity, so nothing is lost in the usual case.
+
+Registry (`build_encoder`):
+  resnet50_trunc   torchvision ResNet-50 up to layer3 + global average pool: 1024-d at 224 px, ImageNet
+                   mean/std (the CLAM / TRIDENT baseline). Weights from a local file only.
+  tiny_cnn         four convolutions + global average pool, 64-d at 96 px: demo bundle and fast tests.
+  timm:<model>     any timm model (timm installed), num_classes=0, mean/std/input size from its config.
+Without weights every encoder gets a fixed-seed random init and a loud warning: its features mean nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mil_runtime._version import __version__
+from mil_runtime.contract import BATCH_AXIS, ENCODER_OUTPUT, TILES, ModelMetadata
+from mil_runtime.encoder import sha256_file
+from mil_runtime.errors import InputNotFoundError, MilkitError, ModelFormatError, OutputError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RANDOM_INIT_SEED = 0
+HEIGHT_AXIS = "height"
+WIDTH_AXIS = "width"
+OPSET = 18  # first opset with Resize(antialias)
+
+
+class TileEncoder(nn.Module):
+    """uint8 (batch, H, W, 3) RGB tiles -> float32 (batch, output_dim) features, preprocessing included."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        output_dim: int,
+        input_px: int,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.output_dim = int(output_dim)
+        self.input_px = int(input_px)
+        # not persistent: the state_dict holds backbone weights only, mean/std travel in metadata
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
+        x = tiles.permute(0, 3, 1, 2).to(torch.float32) / 255.0  # (batch, 3, H, W)
+        size = (self.input_px, self.input_px)
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)  # (batch, 3, px, px)
+        x = (x - self.mean) / self.std
+        return self.backbone(x).flatten(1)  # (batch, output_dim)
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        return {
+            "input_px": self.input_px,
+            "mean": [round(v, 6) for v in self.mean.flatten().tolist()],
+            "std": [round(v, 6) for v in self.std.flatten().tolist()],
+            "resize": "bilinear",
+            "align_corners": False,
+            "antialias": True,
+        }
+
+
+class ResNetTrunk(nn.Module):
+    """torchvision ResNet-50 up to layer3, then global average pool: (batch, 3, H, W) -> (batch, 1024).
+
+    Attribute names follow torchvision, so a full resnet50 state_dict loads once fc/layer4 are dropped.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.models import resnet50
+
+        full = resnet50(weights=None)
+        self.conv1, self.bn1, self.relu, self.maxpool = full.conv1, full.bn1, full.relu, full.maxpool
+        self.layer1, self.layer2, self.layer3 = full.layer1, full.layer2, full.layer3
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (batch, 64, H/4, W/4)
+        x = self.layer3(self.layer2(self.layer1(x)))  # (batch, 1024, H/16, W/16)
+        return self.pool(x).flatten(1)  # (batch, 1024)
+
+
+class TinyCNN(nn.Module):
+    """Four 3x3 convolutions (three with stride 2) + global average pool: (batch, 3, H, W) -> (batch, 64)."""
+
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 64)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_ch = 3
+        for i, out_ch in enumerate(widths):
+            stride = 2 if i < len(widths) - 1 else 1
+            layers += [nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1), nn.ReLU()]
+            in_ch = out_ch
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        for conv in self.features:
+            if isinstance(conv, nn.Conv2d):  # He init keeps features O(1), so parity tests mean something
+                nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.features(x)).flatten(1)  # (batch, widths[-1])
+
+
+# -- registry -------------------------------------------------------------------------------------
+
+
+def _resnet50_trunc(input_px: int | None) -> tuple[TileEncoder, set[str]]:
+    encoder = TileEncoder(ResNetTrunk(), 1024, input_px or 224, IMAGENET_MEAN, IMAGENET_STD)
+    return encoder, {"fc.", "layer4."}  # parts of a full torchvision resnet50 the trunk drops
+
+
+def _tiny_cnn(input_px: int | None) -> tuple[TileEncoder, set[str]]:
+    return TileEncoder(TinyCNN(), 64, input_px or 96, IMAGENET_MEAN, IMAGENET_STD), set()
+
+
+def _timm(model_name: str, input_px: int | None) -> tuple[TileEncoder, set[str]]:
+    try:
+        import timm
+    except ImportError:
+        raise MilkitError("timm encoders need timm; install milkit[encoders]") from None
+    try:
+        backbone = timm.create_model(model_name, pretrained=False, num_classes=0)
+    except RuntimeError as exc:  # timm's "Unknown model"
+        raise MilkitError(f"timm has no model {model_name!r} ({exc}); see timm.list_models()") from None
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    input_px = input_px or int(cfg.get("input_size", (3, 224, 224))[-1])
+    mean = tuple(cfg.get("mean", IMAGENET_MEAN))
+    std = tuple(cfg.get("std", IMAGENET_STD))
+    with torch.no_grad():  # the pooled width differs between families: measure it
+        probe = backbone.eval()(torch.zeros(1, 3, input_px, input_px))  # (1, D)
+    return TileEncoder(backbone, probe.flatten(1).shape[1], input_px, mean, std), set()
+
+
+ENCODERS: dict[str, Callable[[int | None], tuple[TileEncoder, set[str]]]] = {
+    "resnet50_trunc": _resnet50_trunc,
+    "tiny_cnn": _tiny_cnn,
+}
+
+
+def list_encoders() -> list[str]:
+    return sorted(ENCODERS) + ["timm:<model_name>"]
+
+
+def build_encoder(
+    name: str, weights: str | os.PathLike | None = None, *, input_px: int | None = None
+) -> tuple[TileEncoder, dict[str, Any]]:
+    """Build a registered encoder in eval mode, with weights from a local file or a seeded random init.
+
+    Returns (encoder, info); info records the weights file and its sha256 (None for random init).
+    """
+    with torch.random.fork_rng(devices=[]):  # a fixed init that leaves the caller's RNG alone
+        torch.manual_seed(RANDOM_INIT_SEED)
+        if name.startswith("timm:"):
+            encoder, dropped = _timm(name[len("timm:"):], input_px)
+        elif name in ENCODERS:
+            encoder, dropped = ENCODERS[name](input_px)
+        else:
+            raise MilkitError(f"unknown encoder {name!r}; known: {', '.join(list_encoders())}")
+    info: dict[str, Any] = {"architecture": name, "weights": None, "weights_sha256": None, "random_init": True}
+    if weights is None:
+        warnings.warn(
+            f"encoder {name!r} has NO pretrained weights (seeded random init): its features are meaningless "
+            "for real slides; pass a local weights file",
+            stacklevel=2,
+        )
+    else:
+        _load_weights(encoder.backbone, Path(weights), dropped, name)
+        info.update(weights=Path(weights).name, weights_sha256=sha256_file(weights), random_init=False)
+    return encoder.eval(), info
+
+
+def _load_weights(backbone: nn.Module, path: Path, dropped: set[str], name: str) -> None:
+    """Load a state_dict file (tensors only, weights_only=True) into `backbone`, strictly."""
+    if not path.is_file():
+        raise InputNotFoundError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors come in many types
+        raise ModelFormatError(f"{path} is not a loadable state_dict ({type(exc).__name__}); save one with "
+                               "torch.save(model.state_dict(), path)") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # common checkpoint wrapper
+    if not isinstance(state, dict):
+        raise ModelFormatError(f"{path} holds a {type(state).__name__}, not a state_dict")
+    state = {_strip_prefixes(k): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not any(k.startswith(p) for p in dropped)}
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = str(exc).splitlines()[1:3]
+        raise ModelFormatError(
+            f"{path} does not fit encoder {name!r}: {' '.join(s.strip() for s in detail)[:300]}; "
+            "pass the weights of this architecture"
+        ) from None
+
+
+def _strip_prefixes(key: str) -> str:
+    """Keys saved from DataParallel ("module.") or from a whole TileEncoder ("backbone.")."""
+    for prefix in ("module.", "backbone."):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+# -- export --------------------------------------------------------------------------------------
+
+
+def export_encoder(
+    encoder: TileEncoder,
+    path: str | os.PathLike,
+    *,
+    name: str,
+    tile_px: int | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> Path:
+    """Write `encoder` as a milkit encoder graph, atomically.
+
+    `tiles` is uint8 [batch, height, width, 3] with all three axes symbolic, unless `tile_px` fixes
+    height = width = tile_px (recorded in the metadata's model config).
+    """
+    import onnx
+
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise OutputError(f"output folder {path.parent} does not exist; create it first")
+    proto = _to_onnx(encoder.eval(), tile_px)
+    config = {**encoder.preprocessing, "tile_px": tile_px}
+    metadata = ModelMetadata(
+        kind="encoder",
+        model_name=name,
+        feature_dim=encoder.output_dim,
+        inputs=[TILES],
+        model_config=config,
+        tiling=None,
+        version=__version__,
+        provenance=dict(provenance or {}),
+    )
+    metadata.validate(str(path))
+    for key, value in metadata.to_props().items():
+        _set_prop(proto, key, value)
+    onnx.checker.check_model(proto, full_check=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        onnx.save(proto, str(tmp))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {exc.strerror}") from None
+    return path
+
+
+def _set_prop(proto: Any, key: str, value: str) -> None:
+    for prop in proto.metadata_props:
+        if prop.key == key:
+            prop.value = value
+            return
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = key, value
+
+
+def _to_onnx(encoder: TileEncoder, tile_px: int | None) -> Any:
+    """torch.export first (dynamic axes stay real), then the ONNX exporter on the exported program."""
+    side = tile_px or encoder.input_px + 1  # an example size unlike any constant in the graph
+    example = torch.zeros(2, side, side, 3, dtype=torch.uint8)  # (batch, H, W, 3)
+    axes: dict[int, Any] = {0: torch.export.Dim(BATCH_AXIS, min=1)}
+    if tile_px is None:
+        axes[1] = torch.export.Dim(HEIGHT_AXIS, min=1)
+        axes[2] = torch.export.Dim(WIDTH_AXIS, min=1)
+    with torch.no_grad():
+        program = torch.export.export(encoder, (example,), dynamic_shapes={"tiles": axes})
+    onnx_program = torch.onnx.export(
+        program, dynamo=True, input_names=[TILES], output_names=[ENCODER_OUTPUT], opset_version=OPSET,
+        verbose=False,
+    )
+    proto = onnx_program.model_proto
+    _rename_dims(proto, {1: HEIGHT_AXIS, 2: WIDTH_AXIS} if tile_px is None else {})
+    return proto
+
+
+def _rename_dims(proto: Any, spatial: dict[int, str]) -> None:
+    """Give the exporter's symbols (s0, s1, ...) the contract's names everywhere they appear."""
+    tiles = next(i for i in proto.graph.input if i.name == TILES)
+    dims = tiles.type.tensor_type.shape.dim
+    renames = {dims[0].dim_param: BATCH_AXIS}
+    renames.update({dims[axis].dim_param: label for axis, label in spatial.items()})
+    infos = list(proto.graph.input) + list(proto.graph.output) + list(proto.graph.value_info)
+    for info in infos:
+        for dim in info.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param in renames:
+                dim.dim_param = renames[dim.dim_param]
