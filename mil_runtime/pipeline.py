@@ -1,0 +1,272 @@
+"""One slide through a MIL model: open, mpp, tissue, tiles, encoder, aggregation, outputs.
+
+    result = run_slide("slide.svs", load_model("abmil.onnx"), load_encoder("resnet50.onnx"), out_dir="out")
+    result.predicted_name, result.class_probabilities, result.attention, result.outputs
+
+Everything the model needs to know about tiles (size, microns per pixel, overlap) comes from its
+metadata. When `<out_dir>/<stem>.features.h5` was made by the same encoder file (name and sha256) on
+the same grid, it is reused and the slide is not encoded again: a second model on a slide is cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from mil_runtime._version import __version__
+from mil_runtime.atomic import ensure_writable_dir
+from mil_runtime.encoder import check_encoder_matches
+from mil_runtime.errors import ContractMismatchError, InvalidInputError, MilkitError, NoTissueError
+from mil_runtime.features_io import read_feature_file
+from mil_runtime.outputs.writer import TileTable, output_paths, write_slide_outputs
+from mil_runtime.slide.grid import GridPlan, plan_grid
+from mil_runtime.slide.mpp import OPENSLIDE, OVERRIDE, TIFF_RESOLUTION, resolve_mpp
+from mil_runtime.slide.open import Slide, open_slide
+from mil_runtime.slide.reader import TileReader
+from mil_runtime.slide.tissue import TISSUE_THRESHOLD, TissueMask, detect_tissue
+
+MPP_DISAGREEMENT = 0.10  # warn when --mpp differs from the slide's own value by more than 10%
+
+
+@dataclass
+class SlideResult:
+    """What `run_slide` found: the prediction, the tiles behind it, and how it was obtained."""
+
+    slide_path: Path
+    prediction: Any  # mil_runtime.model.Prediction
+    class_names: list[str]
+    mpp: float
+    mpp_source: str
+    plan: GridPlan
+    tissue: TissueMask
+    xy_level0: np.ndarray  # (N, 2) int64 (x, y) level-0 top-left corners of the kept tiles
+    grid_yx: np.ndarray  # (N, 2) int64 (row, col) grid units
+    tissue_fraction: np.ndarray  # (N,)
+    features: np.ndarray  # (N, D) float32
+    features_reused: bool
+    timings: dict[str, float]
+    warnings: list[str]
+    identity: dict[str, Any]  # model / encoder names, paths, sha256, devices
+    tissue_threshold: float
+    outputs: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def n_tiles(self) -> int:
+        return int(len(self.xy_level0))
+
+    @property
+    def attention(self) -> np.ndarray:
+        return np.asarray(self.prediction.attention, dtype=np.float32)  # (N,)
+
+    @property
+    def predicted_name(self) -> str:
+        return self.prediction.predicted_name
+
+    @property
+    def class_probabilities(self) -> np.ndarray:
+        return np.asarray(self.prediction.class_probabilities, dtype=np.float32)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON result: prediction, identities, mpp and its source, tiling, counts, timings, warnings."""
+        probabilities = {n: float(p) for n, p in zip(self.class_names, self.class_probabilities)}
+        return {
+            "slide": str(self.slide_path),
+            "prediction": self.predicted_name,
+            "predicted_index": int(self.prediction.predicted_index),
+            "probabilities": probabilities,
+            "class_names": list(self.class_names),
+            **self.identity,
+            "mpp": {"value": self.mpp, "source": self.mpp_source},
+            "tiling": {**self.plan.as_dict(), "level_used": self.plan.level},
+            "tissue": {"threshold": self.tissue_threshold, "mask_mpp": self.tissue.mpp,
+                       "slide_fraction": self.tissue.fraction},
+            "n_tiles": self.n_tiles,
+            "features_reused": self.features_reused,
+            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+            "warnings": list(self.warnings),
+            "outputs": {k: str(v) for k, v in self.outputs.items()},
+            "milkit_version": __version__,
+        }
+
+
+def _identity(model: Any, encoder: Any) -> dict[str, Any]:
+    meta = model.metadata
+    return {
+        "model": {"name": meta.model_name, "path": str(getattr(model, "path", "") or ""),
+                  "sha256": getattr(model, "sha256", None), "device": getattr(model, "device", None)},
+        "encoder": {"name": encoder.name, "path": str(getattr(encoder, "path", "") or ""),
+                    "sha256": encoder.sha256, "output_dim": int(encoder.output_dim),
+                    "device": getattr(encoder, "device", None)},
+    }
+
+
+def _mpp_warnings(slide: Slide, mpp: float, source: str, target_mpp: float) -> list[str]:
+    warnings = []
+    if source == TIFF_RESOLUTION:
+        warnings.append(f"mpp {mpp:.4g} taken from the TIFF resolution tags (no scanner metadata); "
+                        "check it or pass --mpp")
+    if source == OVERRIDE:
+        try:
+            own, _ = resolve_mpp(slide.properties)
+        except MilkitError:
+            own = None
+        if own is not None and abs(own - mpp) > MPP_DISAGREEMENT * own:
+            warnings.append(f"--mpp {mpp:.4g} differs from the slide's own {own:.4g} um/px")
+    if target_mpp < mpp / 1.02:
+        warnings.append(f"the model expects {target_mpp:.4g} um/px but the slide is scanned at {mpp:.4g}: "
+                        "tiles are upsampled, expect worse results")
+    return warnings
+
+
+def select_tiles(plan: GridPlan, dimensions: tuple[int, int], tissue: TissueMask,
+                 threshold: float, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """Kept tiles' (x, y) level-0 corners (N, 2) and their tissue fractions (N,); NoTissueError if none."""
+    positions = plan.positions(dimensions)  # (all tiles, 2)
+    fractions = tissue.tile_fractions(positions, plan.tile_level0)  # (all tiles,)
+    keep = fractions >= threshold
+    if not keep.any():
+        raise NoTissueError(
+            f"{source}: no tile has at least {threshold:.0%} tissue (tissue covers {tissue.fraction:.1%} of "
+            f"the slide, {len(positions)} candidate tiles); check the slide, or lower --tissue-threshold"
+        )
+    return positions[keep], fractions[keep]
+
+
+def _reusable_features(path: Path, encoder: Any, plan: GridPlan, xy: np.ndarray) -> np.ndarray | None:
+    """Features of an existing feature file when it matches this encoder and grid exactly, else None."""
+    if not path.is_file():
+        return None
+    try:
+        stored = read_feature_file(path)
+    except MilkitError:
+        return None
+    same = (
+        stored.encoder == encoder.name
+        and stored.encoder_sha256 == encoder.sha256
+        and stored.tile_px_level0 == plan.tile_level0
+        and stored.feature_dim == int(encoder.output_dim)
+        and stored.coords_px is not None
+        and np.array_equal(stored.coords_px, xy)
+    )
+    return stored.features if same else None
+
+
+def encode_tiles(slide_path: Path, plan: GridPlan, xy: np.ndarray, encoder: Any, *, batch_size: int,
+                 workers: int, progress: bool) -> np.ndarray:
+    """Read the tiles in threads and encode them in batches: (N, D) float32."""
+    features = np.empty((len(xy), int(encoder.output_dim)), dtype=np.float32)  # (N, D)
+    reader = TileReader(slide_path, plan, xy, batch_size=batch_size, workers=workers)
+    bar = tqdm(total=len(xy), unit="tile", desc="encoding", file=sys.stderr,
+               disable=not (progress and sys.stderr.isatty()))
+    with bar:
+        for start, tiles in reader:  # tiles: (B, tile_px, tile_px, 3) uint8
+            batch = np.asarray(encoder.encode(tiles))  # (B, D)
+            if batch.shape != (len(tiles), features.shape[1]):
+                raise ContractMismatchError(
+                    f"encoder {encoder.name} returned {batch.shape} for {len(tiles)} tiles, expected "
+                    f"({len(tiles)}, {features.shape[1]}); re-export the encoder"
+                )
+            features[start:start + len(tiles)] = batch
+            bar.update(len(tiles))
+    return features
+
+
+def run_slide(
+    slide_path: str | os.PathLike,
+    model: Any,
+    encoder: Any,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    mpp: float | None = None,
+    batch_size: int = 64,
+    workers: int = 4,
+    tissue_threshold: float = TISSUE_THRESHOLD,
+    progress: bool = False,
+    reuse_features: bool = True,
+) -> SlideResult:
+    """Predict one slide with `model` (MILRunner) on features from `encoder` (encoder runner).
+
+    With `out_dir`, writes <stem>.json, .heatmap.png, .tissue.png, .tiles.geojson, .tiles.csv and
+    .features.h5 there, all or none. Raises the mil_runtime.errors family (SlideReadError,
+    MppUnknownError, NoTissueError, ContractMismatchError, OutputError, ...).
+    """
+    timings: dict[str, float] = {}
+    started = clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = now - clock
+        clock = now
+
+    if not 0.0 <= tissue_threshold <= 1.0:
+        raise InvalidInputError(f"--tissue-threshold must be between 0 and 1, got {tissue_threshold}")
+    meta = model.metadata
+    if meta.tiling is None:
+        raise ContractMismatchError(
+            f"model {meta.model_name} records no tiling (tile size, mpp), so it cannot read slides; "
+            "give it a feature file instead, or re-export it with its tiling"
+        )
+    check_encoder_matches(meta, encoder)
+    slide_path = Path(slide_path)
+    if out_dir is not None:
+        ensure_writable_dir(out_dir)  # fail before the slow part, not after it
+    with open_slide(slide_path) as slide:
+        mpp_value, mpp_source = resolve_mpp(slide.properties, mpp, source_name=str(slide_path))
+        plan = plan_grid(slide.dimensions, slide.level_downsamples, mpp_value, meta.tiling.tile_px,
+                         meta.tiling.mpp, meta.tiling.overlap, source=str(slide_path))
+        warnings = _mpp_warnings(slide, mpp_value, mpp_source, meta.tiling.mpp)
+        lap("open")
+        tissue = detect_tissue(slide, mpp_value)
+        xy, fractions = select_tiles(plan, slide.dimensions, tissue, tissue_threshold, str(slide_path))
+        grid_yx = plan.grid_coords(xy)
+        lap("tissue")
+
+    paths = output_paths(out_dir, slide_path.stem) if out_dir is not None else {}
+    features = None
+    if paths and reuse_features:
+        features = _reusable_features(paths["features"], encoder, plan, xy)
+    reused = features is not None
+    if features is None:
+        features = encode_tiles(slide_path, plan, xy, encoder, batch_size=batch_size, workers=workers,
+                                progress=progress)
+    lap("read_encode")
+
+    prediction = model.predict(features, coords=grid_yx, source=str(slide_path))
+    lap("aggregate")
+
+    result = SlideResult(
+        slide_path=slide_path, prediction=prediction, class_names=list(prediction.class_names),
+        mpp=mpp_value, mpp_source=mpp_source, plan=plan, tissue=tissue, xy_level0=xy, grid_yx=grid_yx,
+        tissue_fraction=fractions, features=features, features_reused=reused, timings=timings,
+        warnings=warnings, identity=_identity(model, encoder), tissue_threshold=tissue_threshold,
+    )
+    if out_dir is not None:
+        result.outputs = dict(paths)
+        feature_args = None if reused else {
+            "features": features, "coords_px": xy, "tile_px_level0": plan.tile_level0, "mpp": mpp_value,
+            "patch_size": plan.read_px, "patch_level": plan.level, "encoder": encoder.name,
+            "encoder_sha256": encoder.sha256,
+        }
+        table = TileTable(xy, plan.tile_level0, grid_yx, fractions, result.attention)
+
+        def finished() -> dict:  # called once every other file is staged, so "write" covers them
+            timings["write"] = time.perf_counter() - clock
+            timings["total"] = time.perf_counter() - started
+            return result.to_dict()
+
+        write_slide_outputs(out_dir, slide_path.stem, finished, table, tissue.thumbnail, tissue.mask,
+                            tissue.scale, features=feature_args)
+        return result
+    timings["total"] = time.perf_counter() - started
+    return result
+
+
+__all__ = ["OPENSLIDE", "OVERRIDE", "SlideResult", "TIFF_RESOLUTION", "encode_tiles", "run_slide", "select_tiles"]
