@@ -300,6 +300,8 @@ def export_onnx(
     import onnx
 
     path = Path(path)
+    if not path.parent.is_dir():  # checked before the export's seconds are spent
+        raise OutputError(f"output folder {path.parent} does not exist; create it or choose another -o")
     metadata = build_metadata(model, class_names=class_names, encoder=encoder, tiling=tiling, provenance=provenance)
     was_training = model.training
     model.eval()  # dropout off, deterministic inference paths on
