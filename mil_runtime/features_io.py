@@ -136,7 +136,7 @@ def read_feature_file(path: str | os.PathLike) -> FeatureFile:
     if not path.is_file():
         raise InputNotFoundError(f"{path}: input not found" + ("" if not path.exists() else " (not a file)"))
     if not h5py.is_hdf5(path):
-        raise InvalidInputError(f"{path}: not an HDF5 feature file; pass a CLAM/TRIDENT .h5 (or a slide)")
+        raise InvalidInputError(f"{path}: not an HDF5 file; pass a CLAM/TRIDENT .h5 feature file")
     try:
         with h5py.File(path, "r") as h5:
             features = _read_features(h5, path)

@@ -117,7 +117,7 @@ class MILRunner:
         if features.ndim != 2:
             raise InvalidInputError(f"{source}: features have shape {features.shape}, expected (N, D)")
         if features.shape[0] == 0:
-            raise InvalidInputError(f"{source}: the bag is empty (0 instances); there is nothing to predict")
+            raise InvalidInputError(f"{source}: the bag is empty (0 instances); re-extract features from a slide region with tissue")
         self.metadata.check_feature_dim(features.shape[1], source)
         if not np.issubdtype(features.dtype, np.number):
             raise InvalidInputError(f"{source}: features have dtype {features.dtype}, expected floats")
