@@ -68,7 +68,8 @@ def _graph(edge_index, edge_weight, n: int) -> tuple[torch.Tensor, torch.Tensor]
         return edge_index, torch.ones(n_edges, dtype=torch.float32)
     edge_weight = _tensor("edge_weight", edge_weight).float()
     if tuple(edge_weight.shape) != (n_edges,):
-        raise ValueError(f"edge_weight must have shape ({n_edges},) to match edge_index, got {tuple(edge_weight.shape)}")
+        shape = tuple(edge_weight.shape)
+        raise ValueError(f"edge_weight must have shape ({n_edges},) to match edge_index, got {shape}")
     return edge_index, edge_weight
 
 
