@@ -101,6 +101,13 @@ def clean_mask(mask: np.ndarray, mpp: float, min_object_um2: float, max_hole_um2
     return morphology.remove_small_holes(mask, area_threshold=max_hole_px + 1)
 
 
+def segment_tissue(rgb: np.ndarray, mpp: float, min_object_um2: float = MIN_OBJECT_UM2,
+                   max_hole_um2: float = MAX_HOLE_UM2) -> tuple[np.ndarray, float]:
+    """Tissue mask (H, W) bool of an RGB image at `mpp` um/px, and the saturation threshold used."""
+    mask, threshold = saturation_mask(rgb)
+    return clean_mask(mask, mpp, min_object_um2, max_hole_um2), threshold
+
+
 def detect_tissue(
     slide: Slide,
     slide_mpp: float,
@@ -115,8 +122,7 @@ def detect_tissue(
     thumbnail = read_thumbnail(slide, size)  # (height, width, 3)
     scale = (slide.dimensions[0] / size[0], slide.dimensions[1] / size[1])
     mpp = slide_mpp * (scale[0] + scale[1]) / 2.0
-    mask, threshold = saturation_mask(thumbnail)
-    mask = clean_mask(mask, mpp, min_object_um2, max_hole_um2)
+    mask, threshold = segment_tissue(thumbnail, mpp, min_object_um2, max_hole_um2)
     return TissueMask(mask=mask, thumbnail=thumbnail, mpp=mpp, scale=scale, threshold=threshold)
 
 
