@@ -1,8 +1,6 @@
 """Helpers for the runtime tests: small exported ABMIL models and feature files.
 
-Models are exported once per session with `mil_export.export_onnx` when it exists, else with the
-documented two-step path (torch.export.export with dynamic batch/bag axes, then torch.onnx.export of
-that program) plus milkit metadata, so these tests do not wait for the exporter.
+Tests may import torch / mil_train / mil_export to make models; mil_runtime itself never does.
 """
 
 from __future__ import annotations
@@ -17,62 +15,11 @@ FEATURE_DIM = 16
 TILE_PX = 256
 
 
-def _export_by_hand(model, path: Path, class_names):
-    """torch.export -> ONNX with symbolic batch/bag axes, then milkit metadata_props."""
-    import onnx
-    import torch
-    from torch.export import Dim
-
-    from mil_runtime._version import __version__
-    from mil_runtime.contract import ModelMetadata
-
-    class Wrapper(torch.nn.Module):
-        def __init__(self, mil):
-            super().__init__()
-            self.mil = mil
-
-        def forward(self, features, mask):
-            out = self.mil(features, mask)
-            return out.logits, self.mil.probabilities(out.logits), out.attention
-
-    wrapper = Wrapper(model).eval()
-    example = (torch.randn(2, 7, FEATURE_DIM), torch.ones(2, 7, dtype=torch.bool))
-    batch, bag = Dim("batch"), Dim("bag")
-    program = torch.export.export(wrapper, example, dynamic_shapes=({0: batch, 1: bag}, {0: batch, 1: bag}))
-    torch.onnx.export(
-        program,
-        example,
-        str(path),
-        dynamo=True,
-        input_names=["features", "mask"],
-        output_names=["logits", "probabilities", "attention"],
-    )
-    meta = ModelMetadata(
-        kind="mil",
-        model_name=model.name,
-        model_config=model.config,
-        feature_dim=FEATURE_DIM,
-        inputs=["features", "mask"],
-        n_classes=model.n_classes,
-        class_names=class_names,
-        activation="sigmoid" if model.n_classes == 1 else "softmax",
-        version=__version__,
-    )
-    proto = onnx.load(str(path))  # loads any external weights torch wrote beside the file
-    for key, value in meta.to_props().items():
-        proto.metadata_props.add(key=key, value=value)
-    onnx.save(proto, str(path))  # one self-contained file: the weights go inline
-    Path(str(path) + ".data").unlink(missing_ok=True)
-
-
 def export(model, path: Path, class_names=None) -> Path:
-    try:
-        from mil_export import export_onnx
-    except ImportError:
-        _export_by_hand(model, path, class_names)
-    else:
-        export_onnx(model, path, class_names=class_names)
-    return path
+    """The project's exporter (torch.export with symbolic batch/bag axes, then ONNX + milkit metadata)."""
+    from mil_export import export_onnx
+
+    return export_onnx(model, path, class_names=class_names)
 
 
 def abmil(n_classes: int, seed: int):
