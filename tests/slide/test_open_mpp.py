@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import shared_file
+from slide_helpers import shared_file
 
 from mil_runtime.errors import InputNotFoundError, InvalidInputError, MppUnknownError, SlideReadError
 from mil_runtime.slide.mpp import resolve_mpp

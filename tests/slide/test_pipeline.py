@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 import tifffile
-from conftest import DarknessModel, MeanColourEncoder, shared_file
+from slide_helpers import DarknessModel, MeanColourEncoder, shared_file
 from PIL import Image
 
 from mil_runtime.errors import ContractMismatchError, MppUnknownError, NoTissueError, SlideReadError

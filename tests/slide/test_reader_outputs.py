@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import shared_file
+from slide_helpers import shared_file
 from PIL import Image
 
 from mil_runtime.outputs.colormap import apply_colormap, viridis_lut
