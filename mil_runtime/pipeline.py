@@ -215,6 +215,12 @@ def run_slide(
             "give it a feature file instead, or re-export it with its tiling"
         )
     check_encoder_matches(meta, encoder)
+    fixed_px = getattr(encoder, "tile_px", None)  # encoders exported for one input size say so
+    if fixed_px is not None and fixed_px != meta.tiling.tile_px:
+        raise ContractMismatchError(
+            f"the model reads {meta.tiling.tile_px} px tiles but encoder {encoder.name} takes {fixed_px} px; "
+            "re-export the encoder without a fixed tile size, or use the encoder the model was trained on"
+        )
     slide_path = Path(slide_path)
     if out_dir is not None:
         ensure_writable_dir(out_dir)  # fail before the slow part, not after it

@@ -165,6 +165,13 @@ def test_model_without_tiling_is_refused_before_reading(tmp_path, encoder):
     assert encoder.calls == 0
 
 
+def test_encoder_with_another_fixed_tile_size_is_refused_before_reading(tmp_path, model, encoder):
+    encoder.tile_px = 256
+    with pytest.raises(ContractMismatchError, match="256"):
+        run_slide(shared_file("slides/CMU-1-Small-Region.svs"), model, encoder, out_dir=tmp_path)
+    assert encoder.calls == 0 and _files(tmp_path) == []
+
+
 def test_mpp_override_and_no_out_dir(model, encoder):
     # boxes-4-levels.tiff is 300 x 250 px: with --mpp 0.5 a 112 px tile at 1 um/px is 224 level-0 px
     tiny_model = DarknessModel(tile_px=112, mpp=1.0)
