@@ -114,5 +114,6 @@ def validate_command(model_path, sizes, checkpoint, tolerance, seed) -> None:
 
 
 # --- ENCODER helper: register the `encoder` subcommand below this line -----------------------------
-# from mil_export.encoder_cli import encoder_command
-# main.add_command(encoder_command)
+from mil_export.encoder_cli import encoder_command  # noqa: E402
+
+main.add_command(encoder_command)

@@ -41,7 +41,7 @@ def encoder_command(name: str, weights: Path | None, output: Path | None, input_
             click.echo(f"warning: {warning.message}", err=True)
         export_encoder(encoder, output, name=name, tile_px=tile_px, provenance=info)
     except MilkitError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"mil-export: error: {exc}", err=True)
         sys.exit(exc.exit_code)
     click.echo(f"wrote {output}: {name}, {encoder.output_dim}-d features, input {encoder.input_px} px, "
                f"tiles {'any size' if tile_px is None else f'{tile_px} px'}")

@@ -348,14 +348,14 @@ def test_sha256_file_streams_across_chunks(tmp_path):
 
 
 def _cli():
-    from mil_export.encoder_cli import encoder_command
+    from mil_export.cli import main
 
-    return encoder_command
+    return main
 
 
 def test_cli_exports_tiny_cnn(tmp_path, tiny):
     out = tmp_path / "x.onnx"
-    result = CliRunner().invoke(_cli(), ["tiny_cnn", "-o", str(out)])
+    result = CliRunner().invoke(_cli(), ["encoder", "tiny_cnn", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "64-d" in result.output and sha256_file(out) in result.output
     # export is reproducible byte for byte, so a sha256 recorded in a MIL model stays valid on re-export
@@ -365,12 +365,12 @@ def test_cli_exports_tiny_cnn(tmp_path, tiny):
 
 
 def test_cli_errors_are_one_line_with_exit_codes(tmp_path):
-    result = CliRunner().invoke(_cli(), ["tiny_cnn", "--weights", str(tmp_path / "no.pth"), "-o",
+    result = CliRunner().invoke(_cli(), ["encoder", "tiny_cnn", "--weights", str(tmp_path / "no.pth"), "-o",
                                          str(tmp_path / "x.onnx")])
     assert result.exit_code == InputNotFoundError.exit_code
-    assert [line for line in result.output.splitlines() if line.startswith("error:")] == [
-        f"error: weights file not found: {tmp_path / 'no.pth'}"
+    assert [line for line in result.output.splitlines() if "error:" in line] == [
+        f"mil-export: error: weights file not found: {tmp_path / 'no.pth'}"
     ]
-    result = CliRunner().invoke(_cli(), ["resnet51", "-o", str(tmp_path / "y.onnx")])
+    result = CliRunner().invoke(_cli(), ["encoder", "resnet51", "-o", str(tmp_path / "y.onnx")])
     assert result.exit_code == MilkitError.exit_code and "unknown encoder" in result.output
     assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "y.onnx").exists()
