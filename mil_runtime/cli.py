@@ -1,13 +1,14 @@
-"""`mil-infer`: run an exported MIL model on feature files (and, through mil_runtime.pipeline, slides).
+"""`mil-infer`: run an exported MIL model on feature files and slides.
+
+Inputs ending in .h5/.hdf5 are CLAM/TRIDENT feature files: predicted directly, result `<stem>.json`.
+Anything else is a slide: `mil_runtime.pipeline.run_slide` tiles it, encodes the tiles with the
+encoder (--encoder, else the one the model names, next to the model file) and writes `<stem>.json`
+plus heatmap, tissue mask, GeoJSON, CSV and a feature file.
 
 One result per input. A failed input prints one line, `error: <file>: <message>`, on stderr and the
-others still run; the exit code is the first failure's code (table in mil_runtime.errors), 0 when
-every input succeeded. Nothing partial is written: each input's outputs are staged in --out and
-renamed into place together only when that input succeeded.
-
-Slide inputs (anything that is not .h5) go to `mil_runtime.pipeline.run_slide(path, runner, settings,
-staged)`, which returns the same kind of result dict and puts any extra files (heatmap, GeoJSON, ...)
-into `staged` (a mil_runtime.atomic.StagedOutputs, None without --out).
+others still run; the exit code is the first failure's code (table in mil_runtime.errors and in
+--help), 0 when every input succeeded. Nothing partial is written: each input's outputs appear
+together, only when that input succeeded.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 from tqdm import tqdm
 
-from mil_runtime._version import __version__
-from mil_runtime.atomic import StagedOutputs, atomic_output_dir, ensure_writable_dir
 from mil_runtime import errors as errors_module
-from mil_runtime.errors import InputNotFoundError, InvalidInputError, MilkitError, OutputError
+from mil_runtime._version import __version__
+from mil_runtime.atomic import atomic_write, ensure_writable_dir
+from mil_runtime.errors import ContractMismatchError, InputNotFoundError, MilkitError, OutputError
 from mil_runtime.features_io import FeatureFile, read_feature_file
 from mil_runtime.model import MILRunner, Prediction, load_model
 from mil_runtime.session import DEVICES
@@ -58,12 +60,40 @@ EPILOG = (
 
 @dataclass
 class Settings:
-    """What every input's run needs besides the model; slide options are added here."""
+    """What every input's run needs besides the model."""
 
+    model_path: Path
     out: Path | None = None
     device: str = "auto"
+    threads: int | None = None
     quiet: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    encoder_path: Path | None = None
+    mpp: float | None = None
+    tissue_threshold: float | None = None
+    batch_size: int = 64
+    workers: int = 4
+    _encoder: Any = field(default=None, repr=False)
+
+    def encoder(self, runner: MILRunner) -> Any:
+        """The tile encoder, loaded on the first slide (feature files never need one)."""
+        if self._encoder is None:
+            from mil_runtime.encoder import find_encoder, load_encoder
+
+            path = find_encoder(self.model_path, runner.metadata, self.encoder_path)
+            self._encoder = load_encoder(path, device=self.device, threads=self.threads)
+        return self._encoder
+
+
+@dataclass
+class Outcome:
+    """One input's result: the JSON dict, plus what the one-line summary needs."""
+
+    result: dict[str, Any]
+    class_name: str
+    probability: float
+    n_instances: int
+    unit: str  # "instances" (feature file) or "tiles" (slide)
+    warnings: list[str]
 
 
 # -- result building ---------------------------------------------------------------------------
@@ -91,16 +121,25 @@ def prediction_fields(prediction: Prediction) -> dict[str, Any]:
     }
 
 
-def encoder_warnings(recorded: str | None, recorded_sha: str | None, runner: MILRunner) -> list[str]:
-    """The feature file's encoder against the one the model was trained on; only names can be compared."""
+def check_recorded_encoder(feature_file: FeatureFile, runner: MILRunner) -> None:
+    """Refuse features that record another encoder than the model's (as slides are refused).
+
+    Files that record no encoder (plain CLAM/TRIDENT output) are only checked by feature dimension.
+    """
     expected = runner.metadata.encoder
-    if expected is None or recorded is None:
-        return []
-    if recorded != expected.name:
-        return [f"features were made by encoder {recorded!r} but the model expects {expected.name!r}"]
-    if recorded_sha and expected.sha256 and recorded_sha != expected.sha256:
-        return [f"encoder {recorded!r} file differs (sha256) from the one the model was trained with"]
-    return []
+    if expected is None or feature_file.encoder is None:
+        return
+    fix = f"re-encode the slide with {expected.name!r} (or give mil-infer the slide itself)"
+    if feature_file.encoder != expected.name:
+        raise ContractMismatchError(
+            f"{feature_file.path}: features were made by encoder {feature_file.encoder!r} but the model "
+            f"expects {expected.name!r}; {fix}"
+        )
+    if feature_file.encoder_sha256 and expected.sha256 and feature_file.encoder_sha256 != expected.sha256:
+        raise ContractMismatchError(
+            f"{feature_file.path}: encoder {expected.name!r} of the features is not the same file (sha256) the "
+            f"model was trained with; {fix}"
+        )
 
 
 def tiles_field(feature_file: FeatureFile, attention) -> list[dict[str, Any]]:
@@ -116,21 +155,20 @@ def tiles_field(feature_file: FeatureFile, attention) -> list[dict[str, Any]]:
     ]
 
 
-def infer_features(path: Path, runner: MILRunner, settings: Settings, staged: StagedOutputs | None) -> dict:
-    """Predict one CLAM/TRIDENT feature file and return its result dict."""
+def infer_features(path: Path, runner: MILRunner, settings: Settings) -> Outcome:
+    """Predict one CLAM/TRIDENT feature file; with --out, write `<stem>.json` atomically."""
     start = time.perf_counter()
     feature_file = read_feature_file(path)
     read_s = time.perf_counter() - start
-    warnings = encoder_warnings(feature_file.encoder, feature_file.encoder_sha256, runner)
-    grid = None
-    if feature_file.coords_px is not None and (runner.needs_coords or feature_file.tile_px_level0):
-        grid = feature_file.grid_coords()  # (N, 2) (y, x)
-    if feature_file.coords_px is None:
-        warnings.append("the file has no coords: tiles have no positions")
+    check_recorded_encoder(feature_file, runner)
+    warnings = [] if feature_file.coords_px is not None else ["the file has no coords: tiles have no positions"]
+    grid = None  # (N, 2) (y, x) grid units, only for models that use positions
+    if runner.needs_coords and feature_file.coords_px is not None:
+        grid = feature_file.grid_coords()
     predict_start = time.perf_counter()
-    prediction = runner.predict(feature_file.features, grid if runner.needs_coords else None, source=str(path))
+    prediction = runner.predict(feature_file.features, grid, source=str(path))
     predict_s = time.perf_counter() - predict_start
-    return {
+    result = {
         "milkit_version": __version__,
         "input": {"path": str(path), "type": "features"},
         "model": model_identity(runner),
@@ -147,26 +185,32 @@ def infer_features(path: Path, runner: MILRunner, settings: Settings, staged: St
         "warnings": warnings,
         "tiles": tiles_field(feature_file, prediction.attention),
     }
+    if settings.out is not None:
+        with atomic_write(settings.out / result_name(path)) as handle:
+            json.dump(result, handle, indent=1, default=jsonable)
+            handle.write("\n")
+    return Outcome(result, prediction.predicted_name, prediction.probability, feature_file.n_instances,
+                   "instances", warnings)
 
 
-def infer_slide(path: Path, runner: MILRunner, settings: Settings, staged: StagedOutputs | None) -> dict:
+def infer_slide(path: Path, runner: MILRunner, settings: Settings) -> Outcome:
+    """Run a slide through mil_runtime.pipeline; with --out it writes all its outputs together."""
     if not path.exists():
         raise InputNotFoundError(f"{path}: input not found")
-    try:
-        from mil_runtime.pipeline import run_slide
-    except ModuleNotFoundError as exc:
-        if exc.name != "mil_runtime.pipeline":
-            raise
-        raise InvalidInputError(
-            f"{path}: not a .h5 feature file, and this milkit build cannot read slides; pass CLAM/TRIDENT .h5 features"
-        ) from None
-    return run_slide(path, runner, settings, staged)
+    from mil_runtime.pipeline import run_slide  # openslide & co. only when a slide is given
+
+    options = {} if settings.tissue_threshold is None else {"tissue_threshold": settings.tissue_threshold}
+    slide = run_slide(path, runner, settings.encoder(runner), out_dir=settings.out, mpp=settings.mpp,
+                      batch_size=settings.batch_size, workers=settings.workers, progress=not settings.quiet,
+                      **options)
+    return Outcome(slide.to_dict(), slide.predicted_name, slide.prediction.probability, slide.n_tiles,
+                   "tiles", list(slide.warnings))
 
 
-def infer_input(path: Path, runner: MILRunner, settings: Settings, staged: StagedOutputs | None) -> dict:
+def infer_input(path: Path, runner: MILRunner, settings: Settings) -> Outcome:
     if path.suffix.lower() in FEATURE_SUFFIXES:
-        return infer_features(path, runner, settings, staged)
-    return infer_slide(path, runner, settings, staged)
+        return infer_features(path, runner, settings)
+    return infer_slide(path, runner, settings)
 
 
 # -- reporting ---------------------------------------------------------------------------------
@@ -196,32 +240,35 @@ def report_failure(exc: BaseException, path: Path | None) -> int:
     return exc.exit_code if isinstance(exc, MilkitError) else 1
 
 
-def human_line(result: dict) -> str:
-    prediction = result["prediction"]
-    return (
-        f"{result['input']['path']}: {prediction['class_name']} "
-        f"(p={prediction['probability']:.3f}, {result['n_instances']} instances)"
-    )
+def human_line(path: Path, outcome: Outcome) -> str:
+    return f"{path}: {outcome.class_name} (p={outcome.probability:.3f}, {outcome.n_instances} {outcome.unit})"
+
+
+def jsonable(value: Any) -> Any:
+    """json.dump fallback for numpy values and paths."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def result_name(path: Path) -> str:
     return f"{path.stem}.json"
 
 
-def run_one(path: Path, runner: MILRunner, settings: Settings, claimed: dict[str, Path]) -> dict:
-    """Infer one input; with --out, stage and commit its files together."""
-    if settings.out is None:
-        return infer_input(path, runner, settings, None)
-    name = result_name(path)
-    if name in claimed:
-        raise OutputError(f"{path}: its result {name} would overwrite the one of {claimed[name]}; rename one input")
-    claimed[name] = path
-    with atomic_output_dir(settings.out) as staged:
-        result = infer_input(path, runner, settings, staged)
-        with open(staged.path(name), "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=1)
-            handle.write("\n")
-    return result
+def run_one(path: Path, runner: MILRunner, settings: Settings, claimed: dict[str, Path]) -> Outcome:
+    """Infer one input, refusing one whose `<stem>.json` would overwrite an earlier input's result."""
+    if settings.out is not None:
+        name = result_name(path)
+        if name in claimed:
+            raise OutputError(
+                f"{path}: its result {name} would overwrite the one of {claimed[name]}; rename one input"
+            )
+        claimed[name] = path
+    return infer_input(path, runner, settings)
 
 
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -229,19 +276,32 @@ def run_one(path: Path, runner: MILRunner, settings: Settings, claimed: dict[str
 @click.option("--model", "-m", "model_path", required=True, type=click.Path(path_type=Path),
               help="Exported milkit MIL model (.onnx).")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
-              help="Folder for one <input stem>.json per input (created if missing).")
+              help="Folder for the results, <input stem>.json each (created if missing).")
 @click.option("--json", "as_json", is_flag=True, help="Print each result as one JSON line on stdout.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="onnxruntime provider: cuda when available (auto), or force one.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no warnings on stderr.")
+@click.option("--encoder", "encoder_path", type=click.Path(path_type=Path), default=None,
+              help="Slides: tile encoder .onnx (default: the one the model names, next to the model).")
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Slides: level-0 microns per pixel, overriding the slide's own.")
+@click.option("--tissue-threshold", type=click.FloatRange(0, 1), default=None,
+              help="Slides: minimum tissue fraction of a kept tile.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Slides: tiles per encoder run.")
+@click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Slides: tile-reading threads.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars and no warnings on stderr.")
 @click.version_option(__version__, prog_name="milkit")
-def main(inputs, model_path, out, as_json, device, threads, quiet) -> None:
-    """Predict INPUTS (CLAM/TRIDENT .h5 feature files) with an exported MIL model.
+def main(inputs, model_path, out, as_json, device, threads, encoder_path, mpp, tissue_threshold, batch_size,
+         workers, quiet) -> None:
+    """Predict INPUTS (slides, or CLAM/TRIDENT .h5 feature files) with an exported MIL model.
 
     Prints one line per input (file, predicted class, probability), or JSON with --json.
     """
-    settings = Settings(out=out, device=device, quiet=quiet)
+    settings = Settings(model_path=model_path, out=out, device=device, threads=threads, quiet=quiet,
+                        encoder_path=encoder_path, mpp=mpp, tissue_threshold=tissue_threshold,
+                        batch_size=batch_size, workers=workers)
     try:
         if out is not None:
             ensure_writable_dir(out)
@@ -257,7 +317,7 @@ def main(inputs, model_path, out, as_json, device, threads, quiet) -> None:
     show_progress = not quiet and len(inputs) > 1 and sys.stderr.isatty()
     for path in tqdm(inputs, unit="input", file=sys.stderr, disable=not show_progress):
         try:
-            result = run_one(path, runner, settings, claimed)
+            outcome = run_one(path, runner, settings, claimed)
         except KeyboardInterrupt:
             tqdm.write("error: interrupted", file=sys.stderr)
             sys.exit(INTERRUPTED_EXIT_CODE)
@@ -266,9 +326,10 @@ def main(inputs, model_path, out, as_json, device, threads, quiet) -> None:
             exit_code = exit_code or code
             continue
         if not quiet:
-            for warning in result.get("warnings", []):
+            for warning in outcome.warnings:
                 tqdm.write(f"warning: {path}: {one_line(warning)}", file=sys.stderr)
-        tqdm.write(json.dumps(result) if as_json else human_line(result), file=sys.stdout)
+        text = json.dumps(outcome.result, default=jsonable) if as_json else human_line(path, outcome)
+        tqdm.write(text, file=sys.stdout)
     sys.exit(exit_code)
 
 
