@@ -22,13 +22,13 @@ def export(model, path: Path, class_names=None) -> Path:
     return export_onnx(model, path, class_names=class_names)
 
 
-def abmil(n_classes: int, seed: int):
+def abmil(n_classes: int, seed: int, in_dim: int = FEATURE_DIM):
     import torch
 
     from mil_train.models import create_model
 
     torch.manual_seed(seed)
-    return create_model("ABMIL", in_dim=FEATURE_DIM, n_classes=n_classes, att_dim=8, gated=True).eval()
+    return create_model("ABMIL", in_dim=in_dim, n_classes=n_classes, att_dim=8, gated=True).eval()
 
 
 def grid_coords_px(n: int, tile_px: int = TILE_PX, width: int = 5) -> np.ndarray:

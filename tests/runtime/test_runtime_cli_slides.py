@@ -1,0 +1,84 @@
+"""`mil-infer` on a real slide, and the same slide's feature file: both routes must agree."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from mil_runtime.encoder import encoder_filename, sha256_file
+from mil_runtime.errors import ContractMismatchError, SlideReadError
+
+from runtime_fixtures import abmil
+
+ROOT = Path(__file__).resolve().parents[2]
+SLIDE = ROOT / "tests" / "data" / "CMU-1-Small-Region.svs"  # vendored, CC0: 2220 x 2967 px at 0.499 mpp
+ENCODER_NAME = "tiny_cnn"
+
+
+def mil_infer(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mil_runtime.cli", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def slide_model(tmp_path_factory) -> Path:
+    """An ABMIL on tiny_cnn features, 112 px tiles at 2 um/px, with its encoder beside it."""
+    from mil_export import export_onnx
+    from mil_export.encoders import build_encoder, export_encoder
+
+    folder = tmp_path_factory.mktemp("slide_model")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no pretrained weights": fine for plumbing
+        encoder, _ = build_encoder(ENCODER_NAME)
+    encoder_path = export_encoder(encoder, folder / encoder_filename(ENCODER_NAME), name=ENCODER_NAME)
+    model = abmil(3, seed=2, in_dim=encoder.output_dim)
+    ref = {"name": ENCODER_NAME, "output_dim": encoder.output_dim, "sha256": sha256_file(encoder_path)}
+    return export_onnx(model, folder / "abmil_slide.onnx", class_names=["a", "b", "c"], encoder=ref,
+                       tiling={"tile_px": 112, "mpp": 2.0, "overlap": 0.0})
+
+
+def test_slide_then_its_feature_file_give_the_same_prediction(tmp_path, slide_model):
+    if not SLIDE.exists():
+        pytest.skip(f"{SLIDE} is missing")
+    out = tmp_path / "out"
+    slide_run = mil_infer(SLIDE, "--model", slide_model, "--out", out, "--json", "--quiet")
+    assert slide_run.returncode == 0, slide_run.stderr
+    slide_result = json.loads(slide_run.stdout)
+    assert (out / "CMU-1-Small-Region.json").is_file()
+    features = out / "CMU-1-Small-Region.features.h5"
+    assert features.is_file()
+    assert slide_result["n_tiles"] > 0
+
+    h5_run = mil_infer(features, "--model", slide_model, "--json")
+    assert h5_run.returncode == 0, h5_run.stderr
+    h5_result = json.loads(h5_run.stdout)
+    assert h5_result["n_instances"] == slide_result["n_tiles"]
+    assert h5_result["encoder"]["recorded"]["name"] == ENCODER_NAME
+    for name, p in slide_result["probabilities"].items():
+        assert h5_result["probabilities"][name] == pytest.approx(p, abs=1e-5)
+
+    # a feature file from another encoder is refused like a slide with the wrong --encoder
+    import h5py
+
+    with h5py.File(features, "r+") as h5:
+        h5.attrs["encoder"] = "resnet50_trunc"
+    refused = mil_infer(features, "--model", slide_model)
+    assert refused.returncode == ContractMismatchError.exit_code
+    assert refused.stderr.count("\n") == 1 and "resnet50_trunc" in refused.stderr
+
+
+def test_unreadable_slide_is_one_line(tmp_path, slide_model):
+    fake = tmp_path / "fake.svs"
+    fake.write_text("this is not a slide\n")
+    out = tmp_path / "out"
+    result = mil_infer(fake, "--model", slide_model, "--out", out)
+    assert result.returncode == SlideReadError.exit_code, result.stderr
+    assert result.stderr.startswith(f"error: {fake}: ") and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr
+    assert not out.exists() or list(out.iterdir()) == []
