@@ -120,3 +120,23 @@ def test_graph_model_needs_coords(binary_model):
     runner.metadata.graph = {"rule": "grid8", "params": {}}  # pretend: only the coords check runs
     with pytest.raises(errors.ContractMismatchError, match="coordinates"):
         runner.predict(np.zeros((3, FEATURE_DIM), dtype=np.float32))
+
+
+def test_graph_feeds_offset_each_bag_into_the_flattened_node_space(binary_model):
+    """Edges of bag b index nodes b * N_max + i (DESIGN.md section 2), built by the named rule."""
+    from mil_runtime.graphs import build_graph
+
+    runner = load_model(binary_model[1])
+    runner.metadata.inputs = ["features", "mask", "edge_index", "edge_weight", "coords"]
+    runner.metadata.graph = {"rule": "grid8", "params": {}}
+    coords = [np.array([[0, 0], [0, 1], [1, 1]]), np.array([[5, 5], [5, 6]])]  # (y, x) grid units
+    mask = np.array([[True, True, True], [True, True, False]])
+    feeds = runner._feeds(np.zeros((2, 3, FEATURE_DIM), dtype=np.float32), mask, coords)
+    first, first_w = build_graph(coords[0], "grid8")
+    second, second_w = build_graph(coords[1], "grid8")
+    np.testing.assert_array_equal(feeds["edge_index"], np.concatenate([first, second + 3], axis=1))
+    np.testing.assert_allclose(feeds["edge_weight"], np.concatenate([first_w, second_w]))
+    assert feeds["edge_index"].dtype == np.int64 and feeds["edge_weight"].dtype == np.float32
+    np.testing.assert_array_equal(feeds["coords"][1], [[5, 5], [5, 6], [0, 0]])  # padded with zeros
+    # the 3-node L-shape is fully connected under grid8: 3 undirected edges, both directions
+    assert first.shape == (2, 6)

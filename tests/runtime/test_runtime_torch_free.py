@@ -45,6 +45,7 @@ PREDICT = textwrap.dedent(
     else:
         sys.exit("torch was importable")
     import mil_runtime
+    import mil_runtime.cli, mil_runtime.pipeline  # the slide route of mil-infer too
     bag = mil_runtime.read_feature_file(sys.argv[2])
     prediction = mil_runtime.load_model(sys.argv[1], device="cpu").predict(bag.features)
     leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "mil_train", "mil_export"))
