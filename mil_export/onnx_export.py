@@ -108,8 +108,11 @@ def example_inputs(model: MILModel, lengths: Sequence[int], features: torch.Tens
     if model.uses_graph:
         inputs[contract.EDGE_INDEX], inputs[contract.EDGE_WEIGHT] = chain_edges(lengths, bag)
     if model.uses_coords:
-        coords = grid_coords(bag)[None].expand(batch, bag, 2)  # (batch, bag, 2)
-        inputs[contract.COORDS] = (coords * mask[..., None]).contiguous()
+        # each bag's grid depends on its own length only, so a bag has the same coords alone and padded
+        coords = torch.zeros(batch, bag, 2, dtype=torch.int64)  # (batch, bag, 2), 0 on padding
+        for b, n in enumerate(lengths):
+            coords[b, :n] = grid_coords(n)
+        inputs[contract.COORDS] = coords
     return inputs
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mil_export import export_onnx, validate_onnx
-from mil_export.onnx_export import example_inputs
+from mil_export.onnx_export import example_inputs, input_names
 from mil_runtime import contract
 from mil_runtime.contract import ModelMetadata
 from mil_runtime.session import open_session
@@ -72,7 +72,9 @@ def runs(exported):
         padded_feeds, padded_eager = _feeds_and_eager(model, padded_lengths, seed=n)
         padded_feeds[contract.FEATURES][1, :n] = alone_feeds[contract.FEATURES][0]  # the same bag, padded
         with torch.inference_mode():  # eager on exactly the padded feeds
-            out = model(torch.from_numpy(padded_feeds["features"]), torch.from_numpy(padded_feeds["mask"]))
+            tensors = {name: torch.from_numpy(value) for name, value in padded_feeds.items()}
+            optional = {k: v for k, v in tensors.items() if k in contract.MIL_OPTIONAL_INPUTS}
+            out = model(tensors[contract.FEATURES], tensors[contract.MASK], **optional)
             padded_eager = {
                 "logits": out.logits.numpy(),
                 "probabilities": model.probabilities(out.logits).numpy(),
@@ -93,20 +95,20 @@ def test_inputs_and_outputs_have_symbolic_contract_axes(exported):
         return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
 
     by_name = {v.name: dims(v) for v in [*graph.input, *graph.output]}
-    assert [v.name for v in graph.input] == [contract.FEATURES, contract.MASK]
+    assert [v.name for v in graph.input] == input_names(model)
     assert [v.name for v in graph.output] == list(contract.MIL_OUTPUTS)
     assert by_name[contract.FEATURES] == ["batch", "bag", IN_DIM]
     assert by_name[contract.MASK] == ["batch", "bag"]
     assert by_name[contract.LOGITS] == by_name[contract.PROBABILITIES] == ["batch", model.n_classes]
     assert by_name[contract.ATTENTION] == ["batch", "bag"]
     # onnxruntime sees the same names
-    assert [i.shape for i in session.inference.get_inputs()] == [["batch", "bag", IN_DIM], ["batch", "bag"]]
+    assert [i.shape for i in session.inference.get_inputs()][:2] == [["batch", "bag", IN_DIM], ["batch", "bag"]]
     assert session.inference.get_outputs()[2].shape == ["batch", "bag"]
     # no exporter symbol (s31, s64, ...) is left anywhere, value_info included
     symbols = {d.dim_param for v in [*graph.input, *graph.output, *graph.value_info]
                for d in v.type.tensor_type.shape.dim if d.dim_param}
     tokens = {t for s in symbols for t in re.findall(r"[A-Za-z_]\w*", s)}
-    assert tokens <= {"batch", "bag"}
+    assert tokens <= {"batch", "bag", "edges"}
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -158,11 +160,11 @@ def test_metadata_round_trips(exported):
     assert meta.model_name == model.name
     assert meta.model_config == model.config
     assert meta.feature_dim == IN_DIM
-    assert meta.inputs == [contract.FEATURES, contract.MASK]
+    assert meta.inputs == input_names(model)
     assert meta.n_classes == model.n_classes
     assert meta.class_names == contract.default_class_names(model.n_classes)
     assert meta.activation == ("sigmoid" if model.n_classes == 1 else "softmax")
-    assert meta.graph is None and meta.encoder is None
+    assert meta.graph == model.graph_rule and meta.encoder is None
     assert (meta.tiling.tile_px, meta.tiling.mpp, meta.tiling.overlap) == (224, 0.5, 0.0)
     assert meta.provenance == {"dataset": "synthetic", "epochs": 0}
     from mil_runtime._version import __version__
