@@ -38,7 +38,6 @@ FEATURE_SUFFIXES = (".h5", ".hdf5")
 INTERRUPTED_EXIT_CODE = 130
 
 
-
 def _exit_code_table() -> str:
     """The exit-code table of mil_runtime.errors' docstring, for --help (one source of truth)."""
     rows = []

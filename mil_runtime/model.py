@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -40,7 +40,6 @@ class Prediction:
     class_names: list[str]
     predicted_index: int
     attention: np.ndarray
-    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def predicted_name(self) -> str:
@@ -117,7 +116,9 @@ class MILRunner:
         if features.ndim != 2:
             raise InvalidInputError(f"{source}: features have shape {features.shape}, expected (N, D)")
         if features.shape[0] == 0:
-            raise InvalidInputError(f"{source}: the bag is empty (0 instances); re-extract features from a slide region with tissue")
+            raise InvalidInputError(
+                f"{source}: the bag is empty (0 instances); re-extract features from a slide region with tissue"
+            )
         self.metadata.check_feature_dim(features.shape[1], source)
         if not np.issubdtype(features.dtype, np.number):
             raise InvalidInputError(f"{source}: features have dtype {features.dtype}, expected floats")
@@ -203,7 +204,9 @@ class MILRunner:
             attention=attention.astype(np.float32),
         )
 
-    def predict(self, features: np.ndarray, coords: np.ndarray | None = None, *, source: str = "features") -> Prediction:
+    def predict(
+        self, features: np.ndarray, coords: np.ndarray | None = None, *, source: str = "features"
+    ) -> Prediction:
         """Predict one bag: features (N, D); coords (N, 2) int grid (y, x), needed by graph/spatial models.
 
         `source` names the input in error messages.
