@@ -311,6 +311,12 @@ def export_onnx(
     try:
         program, inputs = export_program(model, example_bag)
         model_proto = _to_onnx(program, inputs, opset, verbose)
+    except Exception as exc:  # torch.export / torch.onnx report model code they cannot trace
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise MilkitError(
+            f"could not export {model.name} with dynamic batch/bag axes ({type(exc).__name__}: {first}); "
+            "see DESIGN.md section 4 for the export rules (no Python branches on tensor sizes)"
+        ) from exc
     finally:
         model.train(was_training)
     names = metadata.inputs

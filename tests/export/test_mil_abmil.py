@@ -26,6 +26,7 @@ from mil_runtime.errors import (
     ContractMismatchError,
     InputNotFoundError,
     InvalidInputError,
+    MilkitError,
     ModelFormatError,
     OutputError,
 )
@@ -274,3 +275,21 @@ def test_attention_of_exported_model_is_a_distribution(cli_export):
     np.testing.assert_allclose(attention.sum(1), 1.0, atol=1e-6)
     assert np.all(attention[~mask] == 0)
     assert attention[1, 0] == pytest.approx(1.0)
+
+
+class _BranchOnBagSize(ABMIL):
+    """Breaks the export rules: a Python branch on the bag size freezes the bag axis."""
+
+    name = "BranchOnBagSize"
+
+    def forward(self, X, mask=None, **inputs):
+        if X.shape[1] > 5:
+            X = 2 * X
+        return super().forward(X, mask)
+
+
+def test_model_that_freezes_an_axis_is_refused_without_output(tmp_path):
+    out = tmp_path / "frozen.onnx"
+    with pytest.raises(MilkitError, match="could not export BranchOnBagSize with dynamic batch/bag axes"):
+        export_onnx(_BranchOnBagSize(in_dim=IN_DIM), out)
+    assert _files(tmp_path) == []
