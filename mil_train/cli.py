@@ -1,0 +1,226 @@
+"""`mil-train`: train a registered MIL model on bags from disk and save a checkpoint.
+
+    mil-train ABMIL ../shared/data/mil/musk1.csv -o abmil.pt --model-arg gated=true --epochs 50
+
+DATA is one of
+  - a classic MIL .csv (label, bag id, features; no header),
+  - a torchmil folder (features/ and labels/ with one .npy/.h5 per bag),
+  - a folder of CLAM/TRIDENT feature .h5 files, with `--labels table.csv` (columns slide_id,label).
+The feature dimension comes from the data; binary 0/1 labels train one sigmoid logit, more classes
+a softmax. Errors print one line and exit with the code of mil_runtime.errors.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mil_runtime.errors import InputNotFoundError, InvalidInputError, MilkitError, OutputError
+
+
+def parse_model_args(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """key=value pairs; values read as JSON or Python literals (3, 0.5, true, [256, 128]), else text."""
+    kwargs: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise InvalidInputError(f"--model-arg {pair!r} is not key=value; write e.g. --model-arg gated=true")
+        kwargs[key.strip()] = _literal(text.strip())
+    return kwargs
+
+
+def _literal(text: str) -> Any:
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            return parse(text)
+        except (ValueError, SyntaxError):
+            continue
+    return text
+
+
+# -- reading the data ---------------------------------------------------------------------------
+
+
+def _clam_labels(table: Path) -> dict[str, str]:
+    with open(table, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not {"slide_id", "label"} <= set(reader.fieldnames):
+            raise InvalidInputError(f"{table} needs the columns slide_id,label (found {reader.fieldnames})")
+        return {Path(row["slide_id"]).stem: row["label"] for row in reader}
+
+
+def _load_clam_folder(root: Path, labels_csv: Path | None) -> tuple[list, list[str] | None]:
+    from mil_train.data.readers import read_clam_h5
+
+    if labels_csv is None:
+        raise InvalidInputError(f"{root} holds .h5 feature files without labels; pass --labels table.csv (slide_id,label)")
+    table = _clam_labels(labels_csv)
+    files = sorted(root.glob("*.h5"))
+    missing = [p.stem for p in files if p.stem not in table]
+    if missing:
+        raise InvalidInputError(f"{labels_csv} has no label for {missing[:3]} ({len(missing)} files); add rows for them")
+    names = sorted(set(table[p.stem] for p in files))
+    if all(_is_int(n) for n in names):
+        index = {n: int(n) for n in names}
+        class_names = None
+    else:  # text labels: classes in sorted order
+        index = {n: i for i, n in enumerate(names)}
+        class_names = names
+    return [read_clam_h5(p, label=index[table[p.stem]]) for p in files], class_names
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+        return True
+    except ValueError:
+        return False
+
+
+def load_bags(data: Path, labels_csv: Path | None = None) -> tuple[list, list[str] | None]:
+    """Bags from DATA (see the module docstring) and class names when the data names them."""
+    from mil_train.data.readers import read_mil_csv
+    from mil_train.data.torchmil_folder import TorchmilFolderDataset
+
+    if not data.exists():
+        raise InputNotFoundError(f"{data} does not exist; give a MIL .csv, a torchmil folder or a folder of .h5 files")
+    try:
+        if data.is_file() and data.suffix.lower() == ".csv":
+            return read_mil_csv(data), None
+        if data.is_dir() and (data / "features").is_dir():
+            dataset = TorchmilFolderDataset(data)
+            return [dataset[i] for i in range(len(dataset))], None
+        if data.is_dir() and any(data.glob("*.h5")):
+            return _load_clam_folder(data, labels_csv)
+    except MilkitError:
+        raise
+    except FileNotFoundError as exc:
+        raise InputNotFoundError(str(exc)) from None
+    except (ValueError, OSError) as exc:
+        raise InvalidInputError(f"cannot read {data}: {exc}") from None
+    raise InvalidInputError(
+        f"{data} is neither a MIL .csv, a torchmil folder (features/, labels/) nor a folder of .h5 feature files"
+    )
+
+
+def bag_labels(bags: list) -> list[int]:
+    labels = []
+    for i, bag in enumerate(bags):
+        Y = bag["Y"]
+        if Y.ndim != 0 or not bool(Y.isfinite()) or float(Y) != int(Y) or int(Y) < 0:
+            raise InvalidInputError(f"bag {i} has label {Y.tolist()}; mil-train needs one class index (0, 1, ...) per bag")
+        labels.append(int(Y))
+    if not labels:
+        raise InvalidInputError("the data holds no bags")
+    return labels
+
+
+def split(labels: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Stratified train/validation indices (plain random when a class is too small to stratify)."""
+    from sklearn.model_selection import train_test_split
+
+    indices = list(range(len(labels)))
+    if val_fraction <= 0:
+        return indices, []
+    counts = {c: labels.count(c) for c in set(labels)}
+    stratify = labels if min(counts.values()) >= 2 else None
+    try:
+        train, val = train_test_split(indices, test_size=val_fraction, stratify=stratify, random_state=seed)
+    except ValueError as exc:
+        raise InvalidInputError(f"cannot split {len(labels)} bags with --val-fraction {val_fraction}: {exc}") from None
+    return list(train), list(val)
+
+
+# -- the command --------------------------------------------------------------------------------
+
+
+def train(
+    model_name: str, data: Path, output: Path, *, model_args: tuple[str, ...] = (), epochs: int = 100,
+    lr: float = 1e-4, weight_decay: float = 0.0, batch_size: int = 1, val_fraction: float = 0.2,
+    patience: int | None = None, seed: int = 0, log: Path | None = None, class_names: str | None = None,
+    labels_csv: Path | None = None, device: str = "cpu", progress: bool = True,
+) -> dict[str, Any]:
+    """What `mil-train` does; returns the best epoch's logged row."""
+    from mil_train.models import create_model, list_models
+    from mil_train.trainer import Trainer, make_loader, seed_everything
+
+    if model_name not in list_models():
+        raise InvalidInputError(f"unknown model {model_name!r}; choose one of {', '.join(list_models())}")
+    if not output.parent.is_dir():
+        raise OutputError(f"the folder of {output} does not exist; create it first")
+    if not 0 <= val_fraction < 1:
+        raise InvalidInputError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    kwargs = parse_model_args(model_args)
+    bags, names_from_data = load_bags(data, labels_csv)
+    labels = bag_labels(bags)
+    in_dim = int(bags[0]["X"].shape[-1])
+    if kwargs.setdefault("in_dim", in_dim) != in_dim:
+        raise InvalidInputError(f"--model-arg in_dim={kwargs['in_dim']} but the data has {in_dim} features per instance")
+    n_found = max(labels) + 1
+    kwargs.setdefault("n_classes", 1 if n_found <= 2 else n_found)
+    names = class_names.split(",") if class_names else names_from_data
+    n_names = 2 if kwargs["n_classes"] == 1 else kwargs["n_classes"]
+    if names is not None and len(names) != n_names:
+        raise InvalidInputError(f"--class-names gives {len(names)} names but the task has {n_names} classes")
+
+    seed_everything(seed)
+    try:
+        model = create_model(model_name, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"cannot build {model_name} with {kwargs}: {exc}") from None
+    train_idx, val_idx = split(labels, val_fraction, seed)
+    provenance = {
+        "data": str(data), "n_bags": len(bags), "n_train": len(train_idx), "n_val": len(val_idx),
+        "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "command": " ".join(sys.argv),
+    }
+    trainer = Trainer(
+        model, lr=lr, weight_decay=weight_decay, epochs=epochs, patience=patience, seed=seed, device=device,
+        progress=progress, log_csv=log, checkpoint_path=output, class_names=names, provenance=provenance,
+    )
+    trainer.fit(
+        make_loader([bags[i] for i in train_idx], batch_size=batch_size, shuffle=True, seed=seed),
+        make_loader([bags[i] for i in val_idx], batch_size=batch_size) if val_idx else None,
+    )
+    return trainer.history[trainer.best_epoch - 1]
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model")
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="checkpoint to write (.pt)")
+@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", help="constructor argument; repeatable")
+@click.option("--epochs", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=1e-4, show_default=True, type=float)
+@click.option("--weight-decay", default=0.0, show_default=True, type=float)
+@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--val-fraction", default=0.2, show_default=True, type=float, help="stratified validation share; 0 = none")
+@click.option("--patience", default=None, type=click.IntRange(min=1), help="early-stopping patience in epochs")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--log", type=click.Path(path_type=Path), help="CSV log, one row per epoch")
+@click.option("--class-names", help="comma-separated names, in class-index order")
+@click.option("--labels", "labels_csv", type=click.Path(path_type=Path), help="slide_id,label table for a .h5 folder")
+@click.option("--device", default="cpu", show_default=True)
+def main(model, data, output, model_args, epochs, lr, weight_decay, batch_size, val_fraction, patience, seed,
+         log, class_names, labels_csv, device) -> None:
+    """Train MODEL (a registered name, e.g. ABMIL) on DATA and save the best checkpoint to -o."""
+    try:
+        best = train(
+            model, data, output, model_args=model_args, epochs=epochs, lr=lr, weight_decay=weight_decay,
+            batch_size=batch_size, val_fraction=val_fraction, patience=patience, seed=seed, log=log,
+            class_names=class_names, labels_csv=labels_csv, device=device, progress=sys.stderr.isatty(),
+        )
+    except MilkitError as exc:
+        click.echo(f"mil-train: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    shown = {k: round(v, 4) for k, v in best.items() if k.startswith("val_") or k == "train_loss"}
+    click.echo(f"mil-train: best epoch {best['epoch']}: {shown}; saved {output}", err=True)
+
+
+if __name__ == "__main__":
+    main()
