@@ -28,6 +28,11 @@ from typing import IO
 
 from mil_runtime.errors import OutputError
 
+# mkstemp creates files owner-only (0600); outputs get the permissions a plain open() would give.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
 
 def ensure_writable_dir(path: str | os.PathLike) -> Path:
     """Create `path` (with parents) if needed and check a file can be created in it.
@@ -55,6 +60,7 @@ def _temp_path(path: Path) -> Path:
         reason = exc.strerror or type(exc).__name__
         raise OutputError(f"cannot write to {path.parent}: {reason}; choose another --out") from None
     os.close(fd)
+    os.chmod(temp, _FILE_MODE)
     return Path(temp)
 
 
