@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, stats
 
 from mil_runtime.errors import MilkitError
 
@@ -70,6 +70,16 @@ class SyntheticSlide:
         coords_yx = np.asarray(coords_yx)
         return np.array([self.lesion_fraction(int(y), int(x), size) for y, x in coords_yx], dtype=np.float64)
 
+    def tile_labels(self, xy_level0: np.ndarray, tile_level0: int) -> np.ndarray:
+        """Ground truth of pipeline tiles (corners as (x, y), the pipeline's order): (N,) int64.
+
+        1 = at least half the tile is lesion, 0 = no lesion at all, -1 = a sliver of lesion (ambiguous;
+        left out of instance metrics, as partly covered tiles are in annotated benchmarks).
+        """
+        xy = np.asarray(xy_level0).reshape(-1, 2)
+        fractions = self.lesion_fractions(xy[:, ::-1], tile_level0)  # (N,)
+        return np.where(fractions >= 0.5, 1, np.where(fractions == 0.0, 0, -1)).astype(np.int64)
+
     def tissue_fraction(self, y0: int, x0: int, size: int) -> float:
         """Fraction of the level-0 square covered by tissue (from the 1/16-scale mask)."""
         if self.tissue_mask is None:
@@ -81,6 +91,20 @@ class SyntheticSlide:
     @property
     def is_lesion_slide(self) -> bool:
         return bool(self.lesions)
+
+
+def rank_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve from ranks (Mann-Whitney U), ties counted half; labels 1 / 0, others ignored.
+
+    NaN when either class is missing. No scikit-learn needed, so the demo can report it with the runtime alone.
+    """
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    ranks = stats.rankdata(np.concatenate([pos, neg]))  # ties get their average rank
+    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2.0
+    return float(u / (len(pos) * len(neg)))
 
 
 def _in_lesions(ys: np.ndarray, xs: np.ndarray, lesions: list[Lesion]) -> np.ndarray:
