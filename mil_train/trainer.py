@@ -298,9 +298,11 @@ class Trainer:
     # -- bookkeeping ------------------------------------------------------------------------------
 
     def _improved(self, value: float, mode: str) -> bool:
+        if self.best_value is None:  # the first epoch is always a candidate, even with a NaN metric
+            return True
         if math.isnan(value):
             return False
-        if self.best_value is None or math.isnan(self.best_value):
+        if math.isnan(self.best_value):
             return True
         return value < self.best_value if mode == "min" else value > self.best_value
 

@@ -188,6 +188,15 @@ def test_predict_returns_per_bag_attention_without_padding(data):
         assert math.isclose(float(a.sum()), 1.0, rel_tol=1e-5)
 
 
+def test_undefined_metric_on_single_class_validation_still_checkpoints(data, tmp_path):
+    train, val = data
+    positives = [b for b in val if float(b["Y"]) == 1.0]
+    trainer = Trainer(new_model(), lr=1e-2, epochs=2, monitor="auroc", progress=False, checkpoint_path=tmp_path / "m.pt")
+    history = trainer.fit(loader(train), loader(positives))
+    assert all(math.isnan(row["val_auroc"]) for row in history)
+    assert trainer.best_epoch == 1 and (tmp_path / "m.pt").exists()
+
+
 def test_without_validation_monitors_train_loss(data):
     train, _ = data
     trainer = Trainer(new_model(), lr=1e-2, epochs=3, progress=False)
