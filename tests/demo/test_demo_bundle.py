@@ -114,3 +114,10 @@ def test_demo_without_model_says_what_to_do(tmp_path, capsys):
     code = main(["--out", str(tmp_path), "--model", str(tmp_path / "missing.onnx")])
     assert code == 3
     assert "python models/build_demo.py" in capsys.readouterr().err
+
+
+def test_demo_passes_on_mil_infer_failures(tmp_path, capsys):
+    encoder_not_model = DEFAULT_MODEL.parent / "tiny_cnn.onnx"
+    code = main(["--out", str(tmp_path), "--model", str(encoder_not_model)])
+    assert code == 4  # ModelFormatError from mil-infer, passed through
+    assert "mil-infer failed" in capsys.readouterr().err
