@@ -18,12 +18,11 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
 from tqdm import tqdm
 
 from mil_runtime import errors as errors_module
@@ -31,7 +30,9 @@ from mil_runtime._version import __version__
 from mil_runtime.atomic import atomic_write, ensure_writable_dir
 from mil_runtime.errors import ContractMismatchError, InputNotFoundError, MilkitError, OutputError
 from mil_runtime.features_io import FeatureFile, read_feature_file
-from mil_runtime.model import MILRunner, Prediction, load_model
+from mil_runtime.model import MILRunner, load_model
+from mil_runtime.outputs.result import encoder_identity, result_document
+from mil_runtime.outputs.writer import to_jsonable
 from mil_runtime.session import DEVICES
 
 FEATURE_SUFFIXES = (".h5", ".hdf5")
@@ -96,30 +97,6 @@ class Outcome:
 
 
 # -- result building ---------------------------------------------------------------------------
-def model_identity(runner: MILRunner) -> dict[str, Any]:
-    meta = runner.metadata
-    return {
-        "name": meta.model_name,
-        "file": str(runner.path),
-        "sha256": runner.sha256,
-        "milkit_version": meta.version,
-        "n_classes": meta.n_classes,
-        "class_names": list(runner.class_names),
-    }
-
-
-def prediction_fields(prediction: Prediction) -> dict[str, Any]:
-    return {
-        "prediction": {
-            "class_name": prediction.predicted_name,
-            "class_index": prediction.predicted_index,
-            "probability": prediction.probability,
-        },
-        "probabilities": prediction.probabilities_by_name(),
-        "logits": [float(v) for v in prediction.logits],
-    }
-
-
 def check_recorded_encoder(feature_file: FeatureFile, runner: MILRunner) -> None:
     """Refuse features that record another encoder than the model's (as slides are refused).
 
@@ -141,19 +118,6 @@ def check_recorded_encoder(feature_file: FeatureFile, runner: MILRunner) -> None
         )
 
 
-def tiles_field(feature_file: FeatureFile, attention) -> list[dict[str, Any]]:
-    """Per-tile level-0 (x, y) top-left corners with attention; x, y are null without coords."""
-    coords = feature_file.coords_px
-    return [
-        {
-            "x": int(coords[i, 0]) if coords is not None else None,
-            "y": int(coords[i, 1]) if coords is not None else None,
-            "attention": float(weight),
-        }
-        for i, weight in enumerate(attention)
-    ]
-
-
 def infer_features(path: Path, runner: MILRunner, settings: Settings) -> Outcome:
     """Predict one CLAM/TRIDENT feature file; with --out, write `<stem>.json` atomically."""
     start = time.perf_counter()
@@ -167,26 +131,19 @@ def infer_features(path: Path, runner: MILRunner, settings: Settings) -> Outcome
     predict_start = time.perf_counter()
     prediction = runner.predict(feature_file.features, grid, source=str(path))
     predict_s = time.perf_counter() - predict_start
-    result = {
-        "milkit_version": __version__,
-        "input": {"path": str(path), "type": "features"},
-        "model": model_identity(runner),
-        "encoder": {
-            "recorded": {"name": feature_file.encoder, "sha256": feature_file.encoder_sha256},
-            "expected": asdict(runner.metadata.encoder) if runner.metadata.encoder else None,
-        },
-        **prediction_fields(prediction),
-        "n_instances": feature_file.n_instances,
-        "mpp": feature_file.mpp,
-        "tile_px_level0": feature_file.tile_px_level0,
-        "device": runner.device,
-        "timings_s": {"read": read_s, "predict": predict_s, "total": time.perf_counter() - start},
-        "warnings": warnings,
-        "tiles": tiles_field(feature_file, prediction.attention),
-    }
+    result = result_document(
+        input_path=path, input_type="features", runner=runner, prediction=prediction,
+        encoder=encoder_identity(runner, feature_file.encoder, feature_file.encoder_sha256,
+                                 output_dim=feature_file.feature_dim),
+        xy_level0=feature_file.coords_px,
+        mpp={"value": feature_file.mpp, "source": "feature-file"},
+        tiling={"tile_px_level0": feature_file.tile_px_level0},
+        timings={"read": read_s, "predict": predict_s, "total": time.perf_counter() - start},
+        warnings=warnings,
+    )
     if settings.out is not None:
         with atomic_write(settings.out / result_name(path)) as handle:
-            json.dump(result, handle, indent=1, default=jsonable)
+            json.dump(to_jsonable(result), handle, indent=1)
             handle.write("\n")
     return Outcome(result, prediction.predicted_name, prediction.probability, feature_file.n_instances,
                    "instances", warnings)
@@ -241,17 +198,6 @@ def report_failure(exc: BaseException, path: Path | None) -> int:
 
 def human_line(path: Path, outcome: Outcome) -> str:
     return f"{path}: {outcome.class_name} (p={outcome.probability:.3f}, {outcome.n_instances} {outcome.unit})"
-
-
-def jsonable(value: Any) -> Any:
-    """json.dump fallback for numpy values and paths."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def result_name(path: Path) -> str:
@@ -327,7 +273,7 @@ def main(inputs, model_path, out, as_json, device, threads, encoder_path, mpp, t
         if not quiet:
             for warning in outcome.warnings:
                 tqdm.write(f"warning: {path}: {one_line(warning)}", file=sys.stderr)
-        text = json.dumps(outcome.result, default=jsonable) if as_json else human_line(path, outcome)
+        text = json.dumps(to_jsonable(outcome.result)) if as_json else human_line(path, outcome)
         tqdm.write(text, file=sys.stdout)
     sys.exit(exit_code)
 

@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from mil_runtime._version import __version__
 from mil_runtime.atomic import ensure_writable_dir
 from mil_runtime.encoder import check_encoder_matches
 from mil_runtime.errors import ContractMismatchError, InvalidInputError, MilkitError, NoTissueError
 from mil_runtime.features_io import read_feature_file
+from mil_runtime.outputs.result import encoder_identity, result_document
 from mil_runtime.outputs.writer import TileTable, output_paths, write_slide_outputs
 from mil_runtime.slide.grid import GridPlan, plan_grid
 from mil_runtime.slide.mpp import OPENSLIDE, OVERRIDE, TIFF_RESOLUTION, resolve_mpp
@@ -53,7 +53,8 @@ class SlideResult:
     features_reused: bool
     timings: dict[str, float]
     warnings: list[str]
-    identity: dict[str, Any]  # model / encoder names, paths, sha256, devices
+    runner: Any  # the MILRunner that predicted
+    encoder: dict[str, Any]  # identity of the encoder that made the features (outputs.result)
     tissue_threshold: float
     outputs: dict[str, Path] = field(default_factory=dict)
 
@@ -74,37 +75,20 @@ class SlideResult:
         return np.asarray(self.prediction.class_probabilities, dtype=np.float32)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON result: prediction, identities, mpp and its source, tiling, counts, timings, warnings."""
-        probabilities = {n: float(p) for n, p in zip(self.class_names, self.class_probabilities)}
-        return {
-            "slide": str(self.slide_path),
-            "prediction": self.predicted_name,
-            "predicted_index": int(self.prediction.predicted_index),
-            "probabilities": probabilities,
-            "class_names": list(self.class_names),
-            **self.identity,
-            "mpp": {"value": self.mpp, "source": self.mpp_source},
-            "tiling": {**self.plan.as_dict(), "level_used": self.plan.level},
-            "tissue": {"threshold": self.tissue_threshold, "mask_mpp": self.tissue.mpp,
-                       "slide_fraction": self.tissue.fraction},
-            "n_tiles": self.n_tiles,
-            "features_reused": self.features_reused,
-            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
-            "warnings": list(self.warnings),
-            "outputs": {k: str(v) for k, v in self.outputs.items()},
-            "milkit_version": __version__,
-        }
-
-
-def _identity(model: Any, encoder: Any) -> dict[str, Any]:
-    meta = model.metadata
-    return {
-        "model": {"name": meta.model_name, "path": str(getattr(model, "path", "") or ""),
-                  "sha256": getattr(model, "sha256", None), "device": getattr(model, "device", None)},
-        "encoder": {"name": encoder.name, "path": str(getattr(encoder, "path", "") or ""),
-                    "sha256": encoder.sha256, "output_dim": int(encoder.output_dim),
-                    "device": getattr(encoder, "device", None)},
-    }
+        """The JSON result (schema in mil_runtime.outputs.result), with the slide-only fields."""
+        return result_document(
+            input_path=self.slide_path, input_type="slide", runner=self.runner, prediction=self.prediction,
+            encoder=self.encoder, xy_level0=self.xy_level0,
+            mpp={"value": self.mpp, "source": self.mpp_source},
+            tiling={**self.plan.as_dict(), "level_used": self.plan.level},
+            timings=self.timings, warnings=self.warnings,
+            extra={
+                "tissue": {"threshold": self.tissue_threshold, "mask_mpp": self.tissue.mpp,
+                           "slide_fraction": self.tissue.fraction},
+                "features_reused": self.features_reused,
+                "outputs": {k: str(v) for k, v in self.outputs.items()},
+            },
+        )
 
 
 def _mpp_warnings(slide: Slide, mpp: float, source: str, target_mpp: float) -> list[str]:
@@ -252,7 +236,9 @@ def run_slide(
         slide_path=slide_path, prediction=prediction, class_names=list(prediction.class_names),
         mpp=mpp_value, mpp_source=mpp_source, plan=plan, tissue=tissue, xy_level0=xy, grid_yx=grid_yx,
         tissue_fraction=fractions, features=features, features_reused=reused, timings=timings,
-        warnings=warnings, identity=_identity(model, encoder), tissue_threshold=tissue_threshold,
+        warnings=warnings, runner=model, tissue_threshold=tissue_threshold,
+        encoder=encoder_identity(model, encoder.name, encoder.sha256, file=getattr(encoder, "path", None),
+                                 output_dim=int(encoder.output_dim)),
     )
     if out_dir is not None:
         result.outputs = dict(paths)

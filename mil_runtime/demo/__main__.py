@@ -87,10 +87,10 @@ def _report(result: dict, truth=None) -> dict:
 
     probs = ", ".join(f"{name} {p:.3f}" for name, p in result["probabilities"].items())
     tiling = result["tiling"]
-    _say(f"  prediction: {result['prediction']} ({probs}); {result['n_tiles']} tiles at {tiling['tile_px']} px / "
+    _say(f"  prediction: {result['prediction']['class_name']} ({probs}); {result['n_instances']} tiles at {tiling['tile_px']} px / "
          f"{tiling['target_mpp']:g} um/px; slide mpp {result['mpp']['value']:.4g} ({result['mpp']['source']}); "
          f"{result['timings_s']['total']:.1f} s")
-    summary = {"prediction": result["prediction"], "n_tiles": result["n_tiles"], "outputs": result["outputs"]}
+    summary = {"prediction": result["prediction"], "n_instances": result["n_instances"], "outputs": result["outputs"]}
     if truth is None:
         _say("  (real tissue: the demo model has only seen synthetic slides, so this prediction means nothing)")
     else:
@@ -130,7 +130,7 @@ def run_demo(out_dir: str | Path = "demo-out", model_path: str | Path = DEFAULT_
     results = _mil_infer([path for path, _ in slides.values()], model_path, out_dir, device, workers)
     summaries = {}
     for result in results:
-        name = Path(result["slide"]).name
+        name = Path(result["input"]["path"]).name
         truth = slides[name][1]
         _say(f"\n{name}" + (" (real H&E, CC0, OpenSlide test data)" if truth is None else
                              " (synthetic, generated just now)"))

@@ -103,9 +103,9 @@ def test_demo_command_end_to_end(tmp_path):
             if suffix != ".features.h5":
                 assert str(path) in done.stdout or suffix not in (".json", ".heatmap.png", ".tiles.geojson")
         result = json.loads((out / f"{stem}.json").read_text())
-        assert result["n_tiles"] > 10 and set(result["probabilities"]) == {"clean", "lesion"}
+        assert result["n_instances"] > 10 and set(result["probabilities"]) == {"clean", "lesion"}
         geojson = json.loads((out / f"{stem}.tiles.geojson").read_text())
-        assert len(geojson["features"]) == result["n_tiles"]
+        assert len(geojson["features"]) == result["n_instances"]
     assert json.loads((out / "CMU-1-Small-Region.json").read_text())["mpp"]["value"] == pytest.approx(0.499)
     assert not list(out.glob(".*"))  # no temporary files left behind
 

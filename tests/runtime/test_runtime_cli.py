@@ -180,7 +180,7 @@ def test_json_result_contents(tmp_path, multiclass_model):
     assert written["model"]["sha256"] == hashlib.sha256(model_path.read_bytes()).hexdigest()
     assert written["model"]["class_names"] == names
     assert written["milkit_version"] and written["model"]["milkit_version"]
-    assert written["encoder"]["recorded"] == {"name": "toy_encoder", "sha256": "ab" * 32}
+    assert (written["encoder"]["name"], written["encoder"]["sha256"]) == ("toy_encoder", "ab" * 32)
     assert list(written["probabilities"]) == names
     np.testing.assert_allclose([written["probabilities"][n] for n in names], probabilities, atol=1e-5)
     best = int(np.argmax(probabilities))
@@ -191,7 +191,8 @@ def test_json_result_contents(tmp_path, multiclass_model):
     }
     assert written["n_instances"] == 12
     assert written["device"] == "cpu"
-    assert written["mpp"] == 0.5 and written["tile_px_level0"] == TILE_PX
+    assert written["mpp"] == {"value": 0.5, "source": "feature-file"}
+    assert written["tiling"]["tile_px_level0"] == TILE_PX
     assert set(written["timings_s"]) >= {"read", "predict", "total"}
     assert all(t >= 0 for t in written["timings_s"].values())
     assert written["warnings"] == []

@@ -53,13 +53,13 @@ def test_slide_then_its_feature_file_give_the_same_prediction(tmp_path, slide_mo
     assert (out / "CMU-1-Small-Region.json").is_file()
     features = out / "CMU-1-Small-Region.features.h5"
     assert features.is_file()
-    assert slide_result["n_tiles"] > 0
+    assert slide_result["n_instances"] > 0
 
     h5_run = mil_infer(features, "--model", slide_model, "--json")
     assert h5_run.returncode == 0, h5_run.stderr
     h5_result = json.loads(h5_run.stdout)
-    assert h5_result["n_instances"] == slide_result["n_tiles"]
-    assert h5_result["encoder"]["recorded"]["name"] == ENCODER_NAME
+    assert h5_result["n_instances"] == slide_result["n_instances"]
+    assert h5_result["encoder"]["name"] == ENCODER_NAME
     for name, p in slide_result["probabilities"].items():
         assert h5_result["probabilities"][name] == pytest.approx(p, abs=1e-5)
 

@@ -35,7 +35,7 @@ def test_cmu_end_to_end_outputs(tmp_path, model, encoder):
     assert encoder.shapes[0] == (16, 224, 224, 3)
 
     doc = json.loads((tmp_path / f"{stem}.json").read_text())
-    assert doc["prediction"] in doc["class_names"] and doc["n_tiles"] == result.n_tiles
+    assert doc["prediction"]["class_name"] in doc["model"]["class_names"] and doc["n_instances"] == result.n_tiles
     assert sum(doc["probabilities"].values()) == pytest.approx(1.0)
     assert doc["mpp"] == {"value": 0.499, "source": "openslide"}
     assert doc["tiling"]["level_used"] == 0 and doc["encoder"]["name"] == "mean-colour"

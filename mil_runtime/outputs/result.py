@@ -1,0 +1,106 @@
+"""The JSON result of one input, the same schema for a feature file and for a slide.
+
+    {
+      "milkit_version": "0.1.0",
+      "input": {"path": "...", "type": "features" | "slide"},
+      "model": {"name", "file", "sha256", "milkit_version", "n_classes", "class_names"},
+      "encoder": {"name", "sha256", "file", "output_dim", "expected": {name, output_dim, sha256} | null},
+      "prediction": {"class_name", "class_index", "probability"},
+      "probabilities": {class name: probability},
+      "logits": [...],
+      "n_instances": N,
+      "mpp": {"value": float | null, "source": "override" | "openslide" | "tiff-resolution" | "feature-file"},
+      "tiling": {...},
+      "device": "cpu" | "cuda",
+      "timings_s": {stage: seconds},
+      "warnings": [...],
+      ... slide only: "tissue", "features_reused", "outputs" ...
+      "tiles": [{"x", "y", "attention"}]          level-0 px top-left corners; x, y null without coords
+    }
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from mil_runtime._version import __version__
+from mil_runtime.contract import default_class_names
+
+
+def model_identity(runner: Any) -> dict[str, Any]:
+    """Which model file made the prediction (MILRunner)."""
+    meta = runner.metadata
+    return {
+        "name": meta.model_name,
+        "file": str(runner.path),
+        "sha256": runner.sha256,
+        "milkit_version": meta.version,
+        "n_classes": meta.n_classes,
+        "class_names": list(meta.class_names or default_class_names(meta.n_classes)),
+    }
+
+
+def encoder_identity(runner: Any, name: str | None, sha256: str | None, *, file: Any = None,
+                     output_dim: int | None = None) -> dict[str, Any]:
+    """The encoder that made the features, next to the one the model expects."""
+    expected = runner.metadata.encoder
+    return {
+        "name": name,
+        "sha256": sha256,
+        "file": str(file) if file else None,
+        "output_dim": output_dim,
+        "expected": asdict(expected) if expected else None,
+    }
+
+
+def tiles_field(xy_level0: np.ndarray | None, attention: np.ndarray) -> list[dict[str, Any]]:
+    """Per-tile level-0 (x, y) top-left corners with attention; x and y are null without coords."""
+    return [
+        {
+            "x": int(xy_level0[i, 0]) if xy_level0 is not None else None,
+            "y": int(xy_level0[i, 1]) if xy_level0 is not None else None,
+            "attention": float(weight),
+        }
+        for i, weight in enumerate(attention)
+    ]
+
+
+def result_document(
+    *,
+    input_path: Any,
+    input_type: str,
+    runner: Any,
+    prediction: Any,
+    encoder: dict[str, Any],
+    xy_level0: np.ndarray | None,
+    mpp: dict[str, Any],
+    tiling: dict[str, Any],
+    timings: dict[str, float],
+    warnings: list[str],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One input's result in the schema above (`extra` holds the slide-only fields)."""
+    return {
+        "milkit_version": __version__,
+        "input": {"path": str(input_path), "type": input_type},
+        "model": model_identity(runner),
+        "encoder": encoder,
+        "prediction": {
+            "class_name": prediction.predicted_name,
+            "class_index": int(prediction.predicted_index),
+            "probability": float(prediction.probability),
+        },
+        "probabilities": prediction.probabilities_by_name(),
+        "logits": [float(v) for v in prediction.logits],
+        "n_instances": int(len(prediction.attention)),
+        "mpp": mpp,
+        "tiling": tiling,
+        "device": runner.device,
+        "timings_s": {k: round(float(v), 4) for k, v in timings.items()},
+        "warnings": list(warnings),
+        **(extra or {}),
+        "tiles": tiles_field(xy_level0, prediction.attention),
+    }
