@@ -1,14 +1,16 @@
 """Attention heatmap: tiles coloured by attention, blended over the slide thumbnail.
 
 The image has the thumbnail's size, and a tile covers the thumbnail pixels its level-0 square maps
-onto, so the overlay lines up with the tissue mask and the thumbnail pixel for pixel. Attention is
-rescaled to [0, 1] over the slide (min to max) because its absolute values shrink with the tile count;
-where tiles overlap, their values are averaged.
+onto, so the overlay lines up with the tissue mask and the thumbnail pixel for pixel. Tiles are
+coloured by the percentile rank of their attention within the slide, not by its raw value: raw
+attention shrinks with the tile count, and min-max scaling lets one dominant tile paint every other
+salient region in the lowest colour. Where tiles overlap, their values are averaged.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import rankdata
 
 from mil_runtime.outputs.colormap import apply_colormap
 
@@ -16,14 +18,11 @@ ALPHA = 0.55  # opacity of the colour over tissue: enough to read both the colou
 
 
 def normalise(values: np.ndarray) -> np.ndarray:
-    """Min-max scale to [0, 1]; constant values map to 0.5."""
+    """Percentile rank in [0, 1]: lowest 0, highest 1, ties share their mean rank (all equal: 0.5)."""
     values = np.asarray(values, dtype=np.float64)
-    if values.size == 0:
-        return values
-    low, high = float(values.min()), float(values.max())
-    if high - low <= 1e-12 * max(1.0, abs(high)):
+    if values.size <= 1:
         return np.full_like(values, 0.5)
-    return (values - low) / (high - low)
+    return (rankdata(values) - 1.0) / (values.size - 1)  # (N,)
 
 
 def tile_boxes(xy_level0: np.ndarray, size_level0: int, scale: tuple[float, float],

@@ -13,7 +13,7 @@ from PIL import Image
 
 from mil_runtime.outputs.colormap import apply_colormap, viridis_lut
 from mil_runtime.outputs.geojson import tiles_feature_collection
-from mil_runtime.outputs.heatmap import attention_heatmap
+from mil_runtime.outputs.heatmap import attention_heatmap, normalise
 from mil_runtime.outputs.tables import COLUMNS, write_tiles_csv
 from mil_runtime.slide.grid import plan_grid
 from mil_runtime.slide.mpp import resolve_mpp
@@ -65,6 +65,18 @@ def test_heatmap_has_thumbnail_size_and_colours_only_tiles():
     np.testing.assert_array_equal(image[20:30, 30:40], np.broadcast_to(lut[-1], (10, 10, 3)))  # highest: yellow
     changed = (image != thumbnail).any(axis=2)
     assert changed.sum() == 2 * 10 * 10
+
+
+def test_heatmap_colours_by_percentile_rank_not_raw_value():
+    # one dominant tile must not push the runner-up into the lowest colour (min-max scaling would:
+    # (0.02 - 0.01) / (0.97 - 0.01) ~ 0.01); ranks of [0.01, 0.02, 0.97] are 0, 0.5, 1
+    np.testing.assert_allclose(normalise(np.array([0.01, 0.02, 0.97])), [0.0, 0.5, 1.0])
+    np.testing.assert_allclose(normalise(np.array([0.3, 0.1, 0.3, 0.2])), [5 / 6, 0.0, 5 / 6, 1 / 3])  # ties
+    np.testing.assert_allclose(normalise(np.array([0.25, 0.25])), [0.5, 0.5])
+    thumbnail = np.full((10, 30, 3), 240, dtype=np.uint8)
+    xy = np.array([[0, 0], [100, 0], [200, 0]])
+    image = attention_heatmap(thumbnail, (10.0, 10.0), xy, 100, np.array([0.01, 0.02, 0.97]), alpha=1.0)
+    np.testing.assert_array_equal(image[0:10, 10:20], np.broadcast_to(apply_colormap(np.array([0.5]))[0], (10, 10, 3)))
 
 
 def test_colormap_endpoints_and_monotone_brightness():
