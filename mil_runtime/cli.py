@@ -137,7 +137,7 @@ def infer_features(path: Path, runner: MILRunner, settings: Settings) -> Outcome
                                  output_dim=feature_file.feature_dim),
         xy_level0=feature_file.coords_px,
         mpp={"value": feature_file.mpp, "source": "feature-file"},
-        tiling={"tile_px_level0": feature_file.tile_px_level0},
+        tiling={"tile_px_level0": feature_file.tile_px_level0, "stride_level0": feature_file.stride_level0},
         timings={"read": read_s, "predict": predict_s, "total": time.perf_counter() - start},
         warnings=warnings,
     )

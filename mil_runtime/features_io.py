@@ -6,12 +6,14 @@ Datasets:
 Attributes of `coords`:
   patch_size          tile side in pixels at the level it was read from
   patch_level         pyramid level the tiles were read from
-  patch_size_level0   tile side in level-0 pixels (the grid stride)
+  patch_size_level0   tile side in level-0 pixels
+  stride_level0       distance between tile corners in level-0 pixels (milkit; = patch_size_level0
+                      without overlap, which is all CLAM/TRIDENT files have)
   mpp                 level-0 microns per pixel
 Attributes of the file root (optional, written by milkit):
   encoder, encoder_sha256   the encoder that produced the features
 
-The model's grid coordinates are `coords_px // patch_size_level0`, reordered to row-major (y, x)
+The model's grid coordinates are `coords_px // stride_level0`, reordered to row-major (y, x)
 (DESIGN.md section 2).
 """
 
@@ -35,11 +37,12 @@ class FeatureFile:
 
     features: np.ndarray  # (N, D) float32
     coords_px: np.ndarray | None  # (N, 2) int64, level-0 (x, y) top-left corners
-    tile_px_level0: int | None  # grid stride in level-0 pixels
+    tile_px_level0: int | None  # tile side in level-0 pixels
     mpp: float | None  # level-0 microns per pixel
     encoder: str | None = None
     encoder_sha256: str | None = None
     path: Path | None = None
+    stride_level0: int | None = None  # grid stride in level-0 pixels; None: the tile side
 
     @property
     def n_instances(self) -> int:
@@ -53,12 +56,13 @@ class FeatureFile:
         """(N, 2) int64 grid units, row-major (y, x): level-0 pixels // tile stride."""
         if self.coords_px is None:
             raise InvalidInputError(f"{self.path}: no `coords` dataset; the model needs tile positions")
-        if not self.tile_px_level0:
+        stride = self.stride_level0 or self.tile_px_level0
+        if not stride:
             raise InvalidInputError(
                 f"{self.path}: the tile size in level-0 pixels is unknown (no patch_size_level0 attribute "
                 "on `coords`); re-extract the features or add the attribute"
             )
-        return (self.coords_px[:, ::-1] // self.tile_px_level0).astype(np.int64)  # (N, 2) (y, x)
+        return (self.coords_px[:, ::-1] // stride).astype(np.int64)  # (N, 2) (y, x)
 
 
 def _plain(value: Any) -> Any:
@@ -149,6 +153,7 @@ def read_feature_file(path: str | os.PathLike) -> FeatureFile:
         features=features,
         coords_px=coords_px,
         tile_px_level0=_tile_px_level0(coord_attrs, coords_px),
+        stride_level0=int(coord_attrs["stride_level0"]) if coord_attrs.get("stride_level0") else None,
         mpp=float(mpp) if mpp else None,
         encoder=root.get("encoder") or None,
         encoder_sha256=root.get("encoder_sha256") or None,
@@ -167,10 +172,12 @@ def write_feature_file(
     patch_level: int = 0,
     encoder: str | None = None,
     encoder_sha256: str | None = None,
+    stride_level0: int | None = None,
 ) -> Path:
     """Write features (N, D) and level-0 (x, y) coords (N, 2) in the CLAM/TRIDENT layout, atomically.
 
-    `patch_size` is the tile side at `patch_level` (defaults to `tile_px_level0`, i.e. read at level 0).
+    `patch_size` is the tile side at `patch_level` (defaults to `tile_px_level0`, i.e. read at level 0);
+    `stride_level0` the distance between tiles (defaults to `tile_px_level0`: no overlap).
     """
     path = Path(path)
     features = np.asarray(features, dtype=np.float32)  # (N, D)
@@ -184,6 +191,7 @@ def write_feature_file(
             coords.attrs["patch_size"] = int(patch_size or tile_px_level0)
             coords.attrs["patch_level"] = int(patch_level)
             coords.attrs["patch_size_level0"] = int(tile_px_level0)
+            coords.attrs["stride_level0"] = int(stride_level0 or tile_px_level0)
             if mpp is not None:
                 coords.attrs["mpp"] = float(mpp)
             if encoder:

@@ -243,7 +243,8 @@ def run_slide(
     if out_dir is not None:
         result.outputs = dict(paths)
         feature_args = None if reused else {
-            "features": features, "coords_px": xy, "tile_px_level0": plan.tile_level0, "mpp": mpp_value,
+            "features": features, "coords_px": xy, "tile_px_level0": plan.tile_level0,
+            "stride_level0": plan.stride_level0, "mpp": mpp_value,
             "patch_size": plan.read_px, "patch_level": plan.level, "encoder": encoder.name,
             "encoder_sha256": encoder.sha256,
         }

@@ -60,6 +60,8 @@ def _min_gap(coords_px: np.ndarray) -> int | None:
 def _attr_stride(attrs: h5py.AttributeManager) -> int | None:
     """Level-0 stride from the attributes milkit/TRIDENT (`patch_size_level0`) or CLAM
     (`patch_size` read at a level with `downsample`) write; None when they do not say."""
+    if attrs.get("stride_level0") is not None:  # milkit's own files, overlapping tiles included
+        return int(np.asarray(attrs["stride_level0"]).reshape(-1)[0])
     if attrs.get("patch_size_level0") is not None:
         return int(np.asarray(attrs["patch_size_level0"]).reshape(-1)[0])
     if attrs.get("patch_size") is None:

@@ -67,7 +67,17 @@ def test_feature_file_round_trip_and_grid(tmp_path):
     assert (read.tile_px_level0, read.mpp, read.encoder, read.encoder_sha256) == (256, 0.25, "enc", "00")
     np.testing.assert_array_equal(read.grid_coords(), [[0, 0], [0, 2], [3, 1]])  # (y, x)
     with h5py.File(path) as h5:  # the CLAM/TRIDENT attribute names
-        assert dict(h5["coords"].attrs) == {"patch_size": 256, "patch_level": 0, "patch_size_level0": 256, "mpp": 0.25}
+        assert dict(h5["coords"].attrs) == {"patch_size": 256, "patch_level": 0, "patch_size_level0": 256,
+                                           "stride_level0": 256, "mpp": 0.25}
+
+
+def test_overlapping_tiles_use_the_stride_not_the_tile_side(tmp_path):
+    """256 px tiles every 128 px (50% overlap): grid units are level-0 px // 128."""
+    coords = np.array([[0, 0], [128, 0], [256, 384]])  # (x, y)
+    path = write_feature_file(tmp_path / "o.h5", np.zeros((3, 2)), coords, 256, stride_level0=128)
+    read = read_feature_file(path)
+    assert (read.tile_px_level0, read.stride_level0) == (256, 128)
+    np.testing.assert_array_equal(read.grid_coords(), [[0, 0], [0, 1], [3, 2]])  # (y, x)
 
 
 def test_clam_file_without_level0_size(tmp_path):

@@ -147,3 +147,10 @@ def test_mil_csv_order_and_minus_one_labels(tmp_path):
     np.testing.assert_allclose(first["X"].numpy(), [[0.1, 0.2], [0.3, 0.4]], rtol=1e-6)
     assert first["Y"].item() == 0.0 and first["y_inst"].tolist() == [0, 0]
     assert second["Y"].item() == 1.0 and second["y_inst"].tolist() == [1, 0]
+
+
+def test_clam_reader_uses_the_runtime_stride_of_overlapping_tiles(tmp_path):
+    coords_px = np.array([[0, 0], [128, 0], [256, 384], [640, 128]])  # 256 px tiles every 128 px
+    path = write_feature_file(tmp_path / "o.h5", np.ones((4, 3)), coords_px, 256, stride_level0=128)
+    np.testing.assert_array_equal(read_clam_h5(path)["coords"].numpy(), [[0, 0], [0, 1], [3, 2], [1, 5]])
+    np.testing.assert_array_equal(read_clam_h5(path)["coords"].numpy(), read_feature_file(path).grid_coords())
