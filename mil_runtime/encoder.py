@@ -7,29 +7,17 @@ so this module never needs an encoder's preprocessing constants.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from mil_runtime.contract import ENCODER_OUTPUT, TILES, ModelMetadata
 from mil_runtime.errors import ContractMismatchError, InputNotFoundError, InvalidInputError, ModelFormatError
-from mil_runtime.session import Session, open_session
+from mil_runtime.session import Session, open_session, sha256_file  # sha256_file: re-exported
 
 DEFAULT_ENCODER_FILENAME = "encoder.onnx"
-_CHUNK_BYTES = 1 << 20
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks so large encoders never sit in memory twice."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def encoder_filename(name: str) -> str:
@@ -70,9 +58,9 @@ class TileEncoderRunner:
     def output_dim(self) -> int:
         return self.metadata.feature_dim
 
-    @cached_property
+    @property
     def sha256(self) -> str:
-        return sha256_file(self.path)
+        return self.session.sha256
 
     def encode(self, tiles: np.ndarray) -> np.ndarray:
         """Features of a batch of tiles: uint8 (batch, H, W, 3) RGB -> float32 (batch, D)."""

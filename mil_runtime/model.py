@@ -10,11 +10,9 @@ graph and spatial models), so every refusal is a milkit error with a message tha
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -77,13 +75,9 @@ class MILRunner:
     def path(self) -> Path:
         return self.session.path
 
-    @cached_property
+    @property
     def sha256(self) -> str:
-        digest = hashlib.sha256()
-        with open(self.path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest()
+        return self.session.sha256
 
     @property
     def needs_coords(self) -> bool:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mil_runtime.contract import ModelMetadata
@@ -12,6 +13,16 @@ from mil_runtime.errors import DeviceError, InputNotFoundError, MilkitError, Mod
 DEVICES = ("auto", "cpu", "cuda")
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
+_CHUNK_BYTES = 1 << 20
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks so large encoders never sit in memory twice."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _onnxruntime():
@@ -32,6 +43,14 @@ class Session:
     metadata: ModelMetadata
     path: Path
     device: str  # "cuda" or "cpu": what actually runs, not what was asked for
+    _sha256: str | None = field(default=None, repr=False)
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the file, computed on first use (identity in results, encoder checks)."""
+        if self._sha256 is None:
+            self._sha256 = sha256_file(self.path)
+        return self._sha256
 
     def run(self, feeds: dict) -> dict:
         names = [o.name for o in self.inference.get_outputs()]
