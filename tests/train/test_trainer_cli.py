@@ -131,3 +131,26 @@ def test_missing_output_folder_is_an_output_error(tmp_path):
     result = run(["ABMIL", data, "-o", tmp_path / "nowhere" / "m.pt", "--epochs", 1])
     assert result.exit_code == OutputError.exit_code
     assert "does not exist" in result.output
+
+
+def test_clam_h5_folder_with_text_labels(tmp_path):
+    import h5py
+
+    rng = np.random.default_rng(1)
+    root = tmp_path / "h5"
+    root.mkdir()
+    rows = ["slide_id,label"]
+    for i in range(8):
+        with h5py.File(root / f"s{i}.h5", "w") as h5:
+            h5["features"] = rng.normal(size=(3 + i, 4)).astype(np.float32)
+            h5["coords"] = np.stack([np.arange(3 + i) * 256, np.zeros(3 + i)], axis=1).astype(np.int64)
+        rows.append(f"s{i}.svs,{'tumour' if i % 2 else 'normal'}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "m.pt"
+    no_labels = run(["ABMIL", root, "-o", out, "--epochs", 1])
+    assert no_labels.exit_code == InvalidInputError.exit_code and "--labels" in no_labels.output
+    result = run(["ABMIL", root, "-o", out, "--epochs", 1, "--labels", tmp_path / "labels.csv", "--val-fraction", 0.25])
+    assert result.exit_code == 0, result.output
+    _, payload = load_checkpoint(out)
+    assert payload["config"]["in_dim"] == 4 and payload["config"]["n_classes"] == 1
+    assert payload["class_names"] == ["normal", "tumour"]
