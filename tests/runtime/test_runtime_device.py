@@ -36,6 +36,7 @@ def test_provider_choice_table():
         _providers("gpu", [CPU_PROVIDER])
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider .CUDAExecutionProvider.")
 def test_cuda_that_silently_falls_back_is_refused(binary_model, monkeypatch):
     _, path = binary_model
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [CUDA_PROVIDER, CPU_PROVIDER])
