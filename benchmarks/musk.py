@@ -2,7 +2,7 @@
 
 Protocol: stratified 10-fold cross-validation repeated 5 times (fold seeds 0..4). In each fold the
 features are standardised with statistics of the training bags only, the model trains for a fixed
-20 epochs on all training bags (`--val-fraction 0.15 --patience 10` instead holds out a stratified
+40 epochs on all training bags (`--val-fraction 0.15 --patience 10` instead holds out a stratified
 inner validation split and stops early on its loss), and the held-out fold is scored once. A repeat's
 accuracy is the fraction of all bags classified right over its 10 folds; the table gives the mean
 and the std over the repeats.
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--folds", type=int, default=10)
     parser.add_argument("--gated", action="store_true", help="gated attention instead of plain")
-    parser.add_argument("--epochs", type=int, default=20, help="(maximum) epochs per fold")
+    parser.add_argument("--epochs", type=int, default=40, help="(maximum) epochs per fold")
     parser.add_argument("--patience", type=int, default=None, help="early-stopping patience (epochs)")
     parser.add_argument("--val-fraction", type=float, default=0.0, help="inner validation share of training bags; 0 = none")
     parser.add_argument("--dropout", type=float, default=0.5)
