@@ -13,6 +13,7 @@ together, only when that input succeeded.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
@@ -204,6 +205,22 @@ def result_name(path: Path) -> str:
     return f"{path.stem}.json"
 
 
+def expand_inputs(inputs: tuple[Path, ...]) -> list[Path]:
+    """Inputs as given, with quoted glob patterns ("slides/*.svs") expanded in sorted order.
+
+    A pattern that matches nothing stays as it is, so it is reported as a missing input.
+    """
+    expanded: list[Path] = []
+    for path in inputs:
+        if not path.exists() and glob.has_magic(str(path)):
+            matches = sorted(glob.glob(str(path)))
+            if matches:
+                expanded.extend(Path(match) for match in matches)
+                continue
+        expanded.append(path)
+    return expanded
+
+
 def run_one(path: Path, runner: MILRunner, settings: Settings, claimed: dict[str, Path]) -> Outcome:
     """Infer one input, refusing one whose `<stem>.json` would overwrite an earlier input's result."""
     if settings.out is not None:
@@ -242,6 +259,8 @@ def main(inputs, model_path, out, as_json, device, threads, encoder_path, mpp, t
          workers, quiet) -> None:
     """Predict INPUTS (slides, or CLAM/TRIDENT .h5 feature files) with an exported MIL model.
 
+    INPUTS are paths or glob patterns ("slides/*.svs"); each input gets its own result.
+
     Prints one line per input (file, predicted class, probability), or JSON with --json.
     """
     settings = Settings(model_path=model_path, out=out, device=device, threads=threads, quiet=quiet,
@@ -259,6 +278,7 @@ def main(inputs, model_path, out, as_json, device, threads, encoder_path, mpp, t
 
     exit_code = 0
     claimed: dict[str, Path] = {}
+    inputs = expand_inputs(inputs)
     show_progress = not quiet and len(inputs) > 1 and sys.stderr.isatty()
     for path in tqdm(inputs, unit="input", file=sys.stderr, disable=not show_progress):
         try:

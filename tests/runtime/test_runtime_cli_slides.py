@@ -16,6 +16,7 @@ from mil_runtime.errors import ContractMismatchError, SlideReadError
 from runtime_fixtures import abmil
 
 ROOT = Path(__file__).resolve().parents[2]
+SHARED_DATA = ROOT.parent / "shared" / "data"  # ../shared/data beside the checkout
 SLIDE = ROOT / "tests" / "data" / "CMU-1-Small-Region.svs"  # vendored, CC0: 2220 x 2967 px at 0.499 mpp
 ENCODER_NAME = "tiny_cnn"
 
@@ -82,3 +83,46 @@ def test_unreadable_slide_is_one_line(tmp_path, slide_model):
     assert result.stderr.startswith(f"error: {fake}: ") and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
     assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_every_bad_slide_is_one_line_and_the_good_one_still_completes(tmp_path, slide_model):
+    """One call, the bad slides of the issue first, a real slide last (given as a quoted glob)."""
+    from mil_runtime.demo.synthetic_slide import write_blank_slide
+    from mil_runtime.errors import MppUnknownError, NoTissueError
+
+    if not SLIDE.exists():
+        pytest.skip(f"{SLIDE} is missing")
+    blank = tmp_path / "slides" / "blank.svs"
+    blank.parent.mkdir()
+    write_blank_slide(blank, height=1024, width=1024)
+    expected = {  # input -> exit code of its error line
+        SHARED_DATA / "bad-slides" / "unreadable.svs": SlideReadError.exit_code,
+        SHARED_DATA / "bad-slides" / "unopenable.tiff": SlideReadError.exit_code,
+        SHARED_DATA / "bad-slides" / "not-a-slide.svs": SlideReadError.exit_code,
+        SHARED_DATA / "slides" / "tiny-16px.svs": NoTissueError.exit_code,  # smaller than one tile
+        SHARED_DATA / "slides" / "boxes-4-levels.tiff": MppUnknownError.exit_code,  # 352.8 um/px: no mpp
+        blank: NoTissueError.exit_code,
+    }
+    missing = [p for p in expected if not p.exists()]
+    if missing:
+        pytest.skip(f"needs {missing[0]}, which is not on this machine")
+    good_pattern = str(SLIDE.parent / "CMU-1-Small-*.svs")
+    out = tmp_path / "out"
+    run = mil_infer(*expected, good_pattern, "--model", slide_model, "--out", out, "--quiet")
+
+    assert run.returncode == SlideReadError.exit_code  # the first failure's code
+    assert "Traceback" not in run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == len(expected)
+    for line, path in zip(lines, expected):
+        assert line.startswith(f"error: {path}: ")
+    assert "--mpp" in lines[4]
+    assert run.stdout.strip().splitlines()[-1].startswith(f"{SLIDE}: ")  # the glob matched the real slide
+    suffixes = [".json", ".heatmap.png", ".tissue.png", ".tiles.geojson", ".tiles.csv", ".features.h5"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"CMU-1-Small-Region{s}" for s in suffixes)
+
+    for path, code in expected.items():  # each alone exits with its own documented code
+        alone = mil_infer(path, "--model", slide_model, "--out", tmp_path / "alone", "--quiet")
+        assert alone.returncode == code, (path, alone.stderr)
+        assert alone.stderr.count("\n") == 1
+    assert not (tmp_path / "alone").exists() or list((tmp_path / "alone").iterdir()) == []
