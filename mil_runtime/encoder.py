@@ -15,7 +15,7 @@ import numpy as np
 
 from mil_runtime.contract import ENCODER_OUTPUT, TILES, ModelMetadata
 from mil_runtime.errors import ContractMismatchError, InputNotFoundError, InvalidInputError, ModelFormatError
-from mil_runtime.session import Session, open_session, sha256_file  # sha256_file: re-exported
+from mil_runtime.session import Session, SessionRunner, open_session, sha256_file  # sha256_file: re-exported
 
 DEFAULT_ENCODER_FILENAME = "encoder.onnx"
 
@@ -28,27 +28,15 @@ def encoder_filename(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name) + ".onnx"
 
 
-class TileEncoderRunner:
+class TileEncoderRunner(SessionRunner):
     """An exported tile encoder in an onnxruntime session: `encode(tiles) -> features`."""
 
     def __init__(self, session: Session) -> None:
-        self.session = session
+        super().__init__(session)
         meta = session.metadata
         self.input_px: int | None = meta.model_config.get("input_px")
         # tile_px is None when the file takes any tile size (symbolic height and width)
         self.tile_px: int | None = meta.model_config.get("tile_px")
-
-    @property
-    def metadata(self) -> ModelMetadata:
-        return self.session.metadata
-
-    @property
-    def device(self) -> str:
-        return self.session.device
-
-    @property
-    def path(self) -> Path:
-        return self.session.path
 
     @property
     def name(self) -> str:
@@ -57,10 +45,6 @@ class TileEncoderRunner:
     @property
     def output_dim(self) -> int:
         return self.metadata.feature_dim
-
-    @property
-    def sha256(self) -> str:
-        return self.session.sha256
 
     def encode(self, tiles: np.ndarray) -> np.ndarray:
         """Features of a batch of tiles: uint8 (batch, H, W, 3) RGB -> float32 (batch, D)."""

@@ -20,7 +20,7 @@ import numpy as np
 from mil_runtime import contract
 from mil_runtime.contract import ModelMetadata, default_class_names
 from mil_runtime.errors import ContractMismatchError, InvalidInputError, MilkitError, ModelFormatError
-from mil_runtime.session import Session, open_session
+from mil_runtime.session import Session, SessionRunner, open_session
 
 
 @dataclass
@@ -56,28 +56,13 @@ def _count_rows(rows: np.ndarray) -> str:
     return f"{int(rows.sum())} row" + ("" if rows.sum() == 1 else "s")
 
 
-class MILRunner:
+class MILRunner(SessionRunner):
     """An exported MIL model ready to predict. Build it with `load_model`."""
 
     def __init__(self, session: Session) -> None:
-        self.session = session
-        self.metadata: ModelMetadata = session.metadata
+        super().__init__(session)
         self.class_names = self.metadata.class_names or default_class_names(self.metadata.n_classes)
         self._check_graph_signature()
-
-    # -- identity ------------------------------------------------------------------------------
-    @property
-    def device(self) -> str:
-        """"cuda" or "cpu": what runs, not what was asked for."""
-        return self.session.device
-
-    @property
-    def path(self) -> Path:
-        return self.session.path
-
-    @property
-    def sha256(self) -> str:
-        return self.session.sha256
 
     @property
     def needs_coords(self) -> bool:

@@ -57,6 +57,30 @@ class Session:
         return dict(zip(names, self.inference.run(names, feeds)))
 
 
+class SessionRunner:
+    """Base of the runtime's runners (MIL model, tile encoder): the file's identity, from its Session."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    @property
+    def metadata(self) -> ModelMetadata:
+        return self.session.metadata
+
+    @property
+    def device(self) -> str:
+        """"cuda" or "cpu": what runs, not what was asked for."""
+        return self.session.device
+
+    @property
+    def path(self) -> Path:
+        return self.session.path
+
+    @property
+    def sha256(self) -> str:
+        return self.session.sha256
+
+
 def _providers(device: str, available: list[str]) -> list[str]:
     if device not in DEVICES:
         raise DeviceError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
