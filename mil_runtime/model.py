@@ -129,30 +129,23 @@ class MILRunner(SessionRunner):
         return coords.astype(np.int64)  # (N, 2) (y, x)
 
     # -- running -------------------------------------------------------------------------------
-    def _graph(self, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from mil_runtime.graphs import build_graph  # only graph models pay for it
-
-        rule = self.metadata.graph or {}
-        edge_index, edge_weight = build_graph(coords, rule["rule"], **(rule.get("params") or {}))
-        return np.asarray(edge_index, dtype=np.int64), np.asarray(edge_weight, dtype=np.float32)
-
     def _feeds(self, features: np.ndarray, mask: np.ndarray, coords: list[np.ndarray | None]) -> dict:
         """ONNX inputs for a padded batch: features (B, N, D), mask (B, N), coords of each bag."""
         feeds = {contract.FEATURES: features, contract.MASK: mask}
-        batch, bag = mask.shape
+        if not self.needs_coords:
+            return feeds
+        padded = np.zeros((*mask.shape, 2), dtype=np.int64)  # (B, N, 2)
+        for b, bag_coords in enumerate(coords):
+            padded[b, : len(bag_coords)] = bag_coords
         if contract.COORDS in self.metadata.inputs:
-            padded = np.zeros((batch, bag, 2), dtype=np.int64)  # (B, N, 2)
-            for b, bag_coords in enumerate(coords):
-                padded[b, : len(bag_coords)] = bag_coords
             feeds[contract.COORDS] = padded
         if contract.EDGE_INDEX in self.metadata.inputs:
-            edges, weights = [], []
-            for b, bag_coords in enumerate(coords):
-                edge_index, edge_weight = self._graph(bag_coords)  # (2, E_b), (E_b,)
-                edges.append(edge_index + b * bag)  # into the flattened (B * N) node space
-                weights.append(edge_weight)
-            feeds[contract.EDGE_INDEX] = np.concatenate(edges, axis=1)  # (2, E)
-            feeds[contract.EDGE_WEIGHT] = np.concatenate(weights)  # (E,)
+            from mil_runtime.graphs import batch_graph  # only graph models pay for it
+
+            rule = self.metadata.graph or {}
+            edge_index, edge_weight = batch_graph(padded, mask, rule["rule"], **(rule.get("params") or {}))
+            feeds[contract.EDGE_INDEX] = edge_index  # (2, E) into the flattened (B * N) node space
+            feeds[contract.EDGE_WEIGHT] = edge_weight.astype(np.float32)  # (E,)
         return feeds
 
     def _run(self, feeds: dict) -> dict:
