@@ -119,10 +119,6 @@ class StagedOutputs:
             self._staged[final] = _temp_path(final)
         return self._staged[final]
 
-    @property
-    def final_paths(self) -> list[Path]:
-        return list(self._staged)
-
     def commit(self) -> None:
         # Renames are atomic one by one; a failure between two leaves earlier ones complete, never partial.
         for final, temp in self._staged.items():

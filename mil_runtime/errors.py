@@ -63,19 +63,3 @@ class NoTissueError(MilkitError):
 class DeviceError(MilkitError):
     exit_code = 11
 
-
-EXIT_CODES = {
-    cls.__name__: cls.exit_code
-    for cls in (
-        MilkitError,
-        InputNotFoundError,
-        ModelFormatError,
-        ContractMismatchError,
-        InvalidInputError,
-        OutputError,
-        SlideReadError,
-        MppUnknownError,
-        NoTissueError,
-        DeviceError,
-    )
-}

@@ -63,10 +63,6 @@ class Slide:
     def properties(self) -> dict[str, str]:
         return dict(self._handle.properties)
 
-    @property
-    def vendor(self) -> str | None:
-        return self._handle.properties.get(openslide.PROPERTY_NAME_VENDOR)
-
     # -- pixels --------------------------------------------------------------------------------
     def read_rgba(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
         """OpenSlide's RGBA image of a region; `location` is (x, y) in level-0 pixels."""

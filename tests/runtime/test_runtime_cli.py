@@ -249,3 +249,20 @@ def test_help_documents_exit_codes():
     assert result.returncode == 0
     for code, words in [(3, "does not exist"), (4, "not a milkit model"), (6, "NaN/Inf"), (7, "cannot be written")]:
         assert any(line.split()[:1] == [str(code)] and words in line for line in result.stdout.splitlines()), code
+
+
+def test_help_exit_code_table_matches_the_error_classes():
+    """--help reads its table from mil_runtime.errors' docstring: it must name every class's code."""
+    import inspect
+    import re
+
+    from mil_runtime import errors
+
+    documented = {}
+    for line in errors.__doc__.splitlines():
+        row = re.match(r"\|\s*(\d+)\s*\|\s*(\w+)", line)
+        if row and row.group(2)[0].isupper():
+            documented[row.group(2)] = int(row.group(1))
+    classes = {name: cls.exit_code for name, cls in inspect.getmembers(errors, inspect.isclass)
+               if issubclass(cls, errors.MilkitError)}
+    assert documented == classes
