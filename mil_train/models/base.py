@@ -13,12 +13,16 @@ from torch import nn
 class MILOutput:
     """What a MIL model returns.
 
-    logits:    (batch, n_classes)
-    attention: (batch, bag) per-instance pooling weights, sum 1 over real instances, 0 on padding
+    logits:             (batch, n_classes)
+    attention:          (batch, bag) per-instance pooling weights, sum 1 over real instances, 0 on padding
+    attention_by_class: (batch, n_classes, bag) per-class weights of multi-branch models (CLAM_MB), each
+                        row normalised like `attention`; None for single-branch models. Models that set
+                        it declare `class_attention = True`, and the exporter adds it as an ONNX output.
     """
 
     logits: torch.Tensor
     attention: torch.Tensor
+    attention_by_class: torch.Tensor | None = None
 
 
 class MILModel(nn.Module):
@@ -31,11 +35,21 @@ class MILModel(nn.Module):
     Class attributes describe which optional inputs the model consumes; the exporter reads them:
       uses_graph  -> edge_index / edge_weight are inputs (graph rule in `graph_rule`)
       uses_coords -> coords is an input
+      class_attention -> forward fills `attention_by_class`, exported as an extra output
+
+    Two more describe how far the model is checked:
+      max_bag_size -> None for models linear in N; for full self-attention models the largest bag
+                      whose N x N attention fits 4 GB, which tests and `mil-export validate` stop at
+      attention_localises -> attention is meant to rank the instances that drive the label first
+                      (tested on planted positives)
     """
 
     name: str = ""
     uses_graph: bool = False
     uses_coords: bool = False
+    class_attention: bool = False
+    max_bag_size: int | None = None
+    attention_localises: bool = True
 
     def __init__(self, n_classes: int = 1, **config: Any) -> None:
         super().__init__()

@@ -1,0 +1,1 @@
+"""Bridges to other MIL libraries. `mil_train.interop.torchmil` loads torchmil 1.0.2 models."""
