@@ -1,13 +1,16 @@
 """`mil-train`: train a registered MIL model on bags from disk and save a checkpoint.
 
     mil-train ABMIL ../shared/data/mil/musk1.csv -o abmil.pt --model-arg gated=true --epochs 50
+    mil-train MODEL bags/ -o model.pt --loss-weight cls=1 --loss-weight NAME=0.3   # weigh named loss terms
 
 DATA is one of
   - a classic MIL .csv (label, bag id, features; no header),
   - a torchmil folder (features/ and labels/ with one .npy/.h5 per bag),
   - a folder of CLAM/TRIDENT feature .h5 files, with `--labels table.csv` (columns slide_id,label).
 The feature dimension comes from the data; binary 0/1 labels train one sigmoid logit, more classes
-a softmax. Errors print one line and exit with the code of mil_runtime.errors.
+a softmax. `--loss-weight NAME=W` weighs the loss term NAME (terms not named weigh 1; "cls" is the
+classification loss, a model card names its auxiliary terms); a NAME the model does not return stops
+training after the first batch. Errors print one line and exit with the code of mil_runtime.errors.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import ast
 import csv
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,26 @@ def parse_model_args(pairs: tuple[str, ...]) -> dict[str, Any]:
             raise InvalidInputError(f"--model-arg {pair!r} is not key=value; write e.g. --model-arg gated=true")
         kwargs[key.strip()] = _literal(text.strip())
     return kwargs
+
+
+def parse_loss_weights(pairs: tuple[str, ...]) -> dict[str, float]:
+    """NAME=W pairs -> {NAME: W}; W a finite number >= 0, each NAME given once."""
+    weights: dict[str, float] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise InvalidInputError(f"--loss-weight {pair!r} is not NAME=W; write e.g. --loss-weight cls=1.0")
+        try:
+            weight = float(text)
+        except ValueError:
+            raise InvalidInputError(f"--loss-weight {pair!r}: W must be a number, e.g. {name}=0.5") from None
+        if not math.isfinite(weight) or weight < 0:
+            raise InvalidInputError(f"--loss-weight {pair!r}: W must be a finite number >= 0 (0 switches a term off)")
+        if name in weights:
+            raise InvalidInputError(f"--loss-weight {name} is given twice; give each term once")
+        weights[name] = weight
+    return weights
 
 
 def _literal(text: str) -> Any:
@@ -144,11 +168,11 @@ def train(
     model_name: str, data: Path, output: Path, *, model_args: tuple[str, ...] = (), epochs: int = 100,
     lr: float = 1e-4, weight_decay: float = 0.0, batch_size: int = 1, val_fraction: float = 0.2,
     patience: int | None = None, seed: int = 0, log: Path | None = None, class_names: str | None = None,
-    labels_csv: Path | None = None, device: str = "cpu", progress: bool = True,
+    labels_csv: Path | None = None, device: str = "cpu", progress: bool = True, loss_weights: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """What `mil-train` does; returns the best epoch's logged row."""
     from mil_train.models import create_model, list_models
-    from mil_train.trainer import Trainer, make_loader, seed_everything
+    from mil_train.trainer import Trainer, UnknownLossTermError, make_loader, seed_everything
 
     if model_name not in list_models():
         raise InvalidInputError(f"unknown model {model_name!r}; choose one of {', '.join(list_models())}")
@@ -157,6 +181,7 @@ def train(
     if not 0 <= val_fraction < 1:
         raise InvalidInputError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     kwargs = parse_model_args(model_args)
+    weights = parse_loss_weights(loss_weights)
     bags, names_from_data = load_bags(data, labels_csv)
     labels = bag_labels(bags)
     in_dim = int(bags[0]["X"].shape[-1])
@@ -177,16 +202,24 @@ def train(
     train_idx, val_idx = split(labels, val_fraction, seed)
     provenance = {
         "data": str(data), "n_bags": len(bags), "n_train": len(train_idx), "n_val": len(val_idx),
-        "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "command": " ".join(sys.argv),
+        "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "loss_weights": weights,
+        "command": " ".join(sys.argv),
     }
     trainer = Trainer(
         model, lr=lr, weight_decay=weight_decay, epochs=epochs, patience=patience, seed=seed, device=device,
         progress=progress, log_csv=log, checkpoint_path=output, class_names=names, provenance=provenance,
+        loss_weights=weights,
     )
-    trainer.fit(
-        make_loader([bags[i] for i in train_idx], batch_size=batch_size, shuffle=True, seed=seed),
-        make_loader([bags[i] for i in val_idx], batch_size=batch_size) if val_idx else None,
-    )
+    try:
+        trainer.fit(
+            make_loader([bags[i] for i in train_idx], batch_size=batch_size, shuffle=True, seed=seed),
+            make_loader([bags[i] for i in val_idx], batch_size=batch_size) if val_idx else None,
+        )
+    except UnknownLossTermError as exc:
+        raise InvalidInputError(
+            f"--loss-weight names {', '.join(exc.unknown)}, which {model_name} does not compute; "
+            f"its loss terms are {', '.join(exc.terms)}"
+        ) from None
     return trainer.history[trainer.best_epoch - 1]
 
 
@@ -195,6 +228,8 @@ def train(
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="checkpoint to write (.pt)")
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", help="constructor argument; repeatable")
+@click.option("--loss-weight", "loss_weights", multiple=True, metavar="NAME=W",
+              help="weight of the loss term NAME (cls or a model's auxiliary term; others weigh 1); repeatable")
 @click.option("--epochs", default=100, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", default=1e-4, show_default=True, type=float)
 @click.option("--weight-decay", default=0.0, show_default=True, type=float)
@@ -206,14 +241,15 @@ def train(
 @click.option("--class-names", help="comma-separated names, in class-index order")
 @click.option("--labels", "labels_csv", type=click.Path(path_type=Path), help="slide_id,label table for a .h5 folder")
 @click.option("--device", default="cpu", show_default=True)
-def main(model, data, output, model_args, epochs, lr, weight_decay, batch_size, val_fraction, patience, seed,
-         log, class_names, labels_csv, device) -> None:
+def main(model, data, output, model_args, loss_weights, epochs, lr, weight_decay, batch_size, val_fraction, patience,
+         seed, log, class_names, labels_csv, device) -> None:
     """Train MODEL (a registered name, e.g. ABMIL) on DATA and save the best checkpoint to -o."""
     try:
         best = train(
             model, data, output, model_args=model_args, epochs=epochs, lr=lr, weight_decay=weight_decay,
             batch_size=batch_size, val_fraction=val_fraction, patience=patience, seed=seed, log=log,
             class_names=class_names, labels_csv=labels_csv, device=device, progress=sys.stderr.isatty(),
+            loss_weights=loss_weights,
         )
     except MilkitError as exc:
         click.echo(f"mil-train: error: {exc}", err=True)

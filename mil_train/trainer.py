@@ -1,9 +1,10 @@
 """`Trainer`: fits any registered MIL model on collated bag batches.
 
 The loss is the weighted sum of the terms `model.compute_loss(batch)` returns (weight 1 for a term
-not named in `loss_weights`). After each epoch the Trainer evaluates the validation loader, logs one
-CSV row, keeps the best weights by the monitored quantity (saving them as a checkpoint when asked),
-stops early after `patience` epochs without improvement, and finally restores the best weights.
+not named in `loss_weights`; a name the model does not return stops `fit` after the first batch).
+After each epoch the Trainer evaluates the validation loader, logs one CSV row, keeps the best weights
+by the monitored quantity (saving them as a checkpoint when asked), stops early after `patience`
+epochs without improvement, and finally restores the best weights.
 
     trainer = Trainer(model, lr=5e-4, epochs=50, patience=10, monitor="val_auroc")
     history = trainer.fit(make_loader(train_bags, batch_size=1, shuffle=True), make_loader(val_bags))
@@ -62,6 +63,18 @@ def make_loader(
     return DataLoader(bags, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_fn, generator=generator, **kwargs)
 
 
+class UnknownLossTermError(ValueError):
+    """`loss_weights` names a term that the model's `compute_loss` does not return (a typo would
+    otherwise be ignored silently and train with the default weights)."""
+
+    def __init__(self, unknown: list[str], terms: list[str], model_name: str) -> None:
+        self.unknown, self.terms, self.model_name = unknown, terms, model_name
+        super().__init__(
+            f"loss_weights names {', '.join(map(repr, unknown))}, but {model_name}'s compute_loss returns "
+            f"the terms {', '.join(map(repr, terms))}; weigh those names"
+        )
+
+
 def _monitor_mode(monitor: str, mode: str | None) -> str:
     if mode is not None:
         if mode not in ("min", "max"):
@@ -79,7 +92,8 @@ class Trainer:
         optimizer: an optimizer instance over `model`'s parameters, or a callable params -> optimizer.
         scheduler: an LR scheduler instance or a callable optimizer -> scheduler; stepped once per
             epoch (ReduceLROnPlateau with the monitored value).
-        loss_weights: weight per loss-term name; terms not listed weigh 1.
+        loss_weights: weight per loss-term name; terms not listed weigh 1. A name that the model's
+            `compute_loss` does not return raises UnknownLossTermError after the first training batch.
         epochs: maximum number of epochs.
         patience: stop after this many epochs without improvement of `monitor`; None never stops early.
         monitor: "val_loss" or "val_<metric>" (auroc, accuracy, balanced_accuracy, f1; "auroc" alone
@@ -170,16 +184,23 @@ class Trainer:
     def _to_device(self, batch: Any) -> Any:
         return batch.to(self.device) if hasattr(batch, "to") else batch
 
+    def _check_weight_names(self, terms: dict[str, torch.Tensor]) -> None:
+        unknown = sorted(set(self.loss_weights) - set(terms))
+        if unknown:
+            raise UnknownLossTermError(unknown, list(terms), self.model.name or type(self.model).__name__)
+
     def _weighted_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.loss_weights.get(name, 1.0) * value for name, value in terms.items())
 
-    def _train_epoch(self, loader: DataLoader) -> dict[str, float]:
+    def _train_epoch(self, loader: DataLoader, check_weight_names: bool = False) -> dict[str, float]:
         self.model.train()
         sums: dict[str, float] = {}
         n_bags = 0
         for batch in loader:
             batch = self._to_device(batch)
             _, terms = self.model.compute_loss(batch)
+            if check_weight_names and n_bags == 0:  # the first batch shows which terms the model returns
+                self._check_weight_names(terms)
             loss = self._weighted_loss(terms)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -274,7 +295,7 @@ class Trainer:
         bar = tqdm(range(1, self.epochs + 1), desc="epochs", file=sys.stderr, disable=not self.progress, leave=False)
         for epoch in bar:
             row: dict[str, float] = {"epoch": epoch}
-            row.update({f"train_{k}": v for k, v in self._train_epoch(train_loader).items()})
+            row.update({f"train_{k}": v for k, v in self._train_epoch(train_loader, epoch == 1).items()})
             if val_loader is not None:
                 row.update({f"val_{k}": v for k, v in self.evaluate(val_loader).items()})
             row["lr"] = self.optimizer.param_groups[0]["lr"]

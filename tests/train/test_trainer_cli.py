@@ -11,8 +11,11 @@ from click.testing import CliRunner
 
 from mil_runtime.errors import InputNotFoundError, InvalidInputError, OutputError
 from mil_train.checkpoint import load_checkpoint
-from mil_train.cli import bag_labels, main, parse_model_args, split
+from mil_train.cli import bag_labels, main, parse_loss_weights, parse_model_args, split
 from mil_train.data.readers import read_mil_csv
+from mil_train.models import ABMIL
+from mil_train.models import registry
+from mil_train.trainer import Trainer, UnknownLossTermError, make_loader
 
 
 @pytest.fixture(autouse=True)
@@ -112,6 +115,14 @@ def test_model_arg_parsing():
         (["ABMIL", "{data}", "--class-names", "a,b"], InvalidInputError.exit_code, "3 classes"),
         (["ABMIL", "{tmp}/notes.txt"], InvalidInputError.exit_code, "neither a MIL .csv"),
         (["ABMIL", "{tmp}/bad.csv"], InvalidInputError.exit_code, "cannot read"),
+        (["ABMIL", "{data}", "--loss-weight", "cls"], InvalidInputError.exit_code, "is not NAME=W"),
+        (["ABMIL", "{data}", "--loss-weight", "cls=heavy"], InvalidInputError.exit_code, "W must be a number"),
+        (["ABMIL", "{data}", "--loss-weight", "cls=-1"], InvalidInputError.exit_code, "finite number >= 0"),
+        (["ABMIL", "{data}", "--loss-weight", "cls=nan"], InvalidInputError.exit_code, "finite number >= 0"),
+        (["ABMIL", "{data}", "--loss-weight", "cls=1", "--loss-weight", "cls=2"], InvalidInputError.exit_code,
+         "given twice"),
+        (["ABMIL", "{data}", "--loss-weight", "clss=0.5"], InvalidInputError.exit_code,
+         "--loss-weight names clss, which ABMIL does not compute; its loss terms are cls"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_code(tmp_path, args, code, message):
@@ -154,3 +165,95 @@ def test_clam_h5_folder_with_text_labels(tmp_path):
     _, payload = load_checkpoint(out)
     assert payload["config"]["in_dim"] == 4 and payload["config"]["n_classes"] == 1
     assert payload["class_names"] == ["normal", "tumour"]
+
+
+# -- --loss-weight ------------------------------------------------------------------------------
+
+
+class AuxTermABMIL(ABMIL):
+    """ABMIL plus an auxiliary term (sum of squared weights), so a second term can be weighed."""
+
+    name = "_TestCliAuxABMIL"
+
+    def compute_loss(self, batch):
+        logits, terms = super().compute_loss(batch)
+        terms["aux"] = sum((p**2).sum() for p in self.parameters())
+        return logits, terms
+
+
+@pytest.fixture
+def aux_model_registered(monkeypatch):
+    """Registered for one test only, so registry-wide tests never see it."""
+    monkeypatch.setitem(registry._REGISTRY, AuxTermABMIL.name, AuxTermABMIL)
+    return AuxTermABMIL.name
+
+
+def test_parse_loss_weights():
+    assert parse_loss_weights(("cls=2", " aux = 0.25", "extra=0")) == {"cls": 2.0, "aux": 0.25, "extra": 0.0}
+    assert parse_loss_weights(()) == {}
+
+
+def test_loss_weights_weigh_the_named_terms_and_are_recorded(tmp_path, aux_model_registered):
+    data = torchmil_folder(tmp_path / "bags", n_classes=2)
+    out, log = tmp_path / "m.pt", tmp_path / "log.csv"
+    result = run([aux_model_registered, data, "-o", out, "--epochs", 2, "--log", log,
+                  "--loss-weight", "aux=0.25", "--loss-weight", "cls=2"])
+    assert result.exit_code == 0, result.output
+    with open(log, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:  # the logged total is the weighted sum of the logged terms
+        for split_name in ("train", "val"):
+            expected = 2.0 * float(row[f"{split_name}_cls"]) + 0.25 * float(row[f"{split_name}_aux"])
+            assert float(row[f"{split_name}_loss"]) == pytest.approx(expected, rel=1e-5)
+    _, payload = load_checkpoint(out)
+    assert payload["provenance"]["loss_weights"] == {"aux": 0.25, "cls": 2.0}
+
+
+def test_no_loss_weights_records_an_empty_table(tmp_path):
+    out = tmp_path / "m.pt"
+    assert run(["ABMIL", torchmil_folder(tmp_path / "bags"), "-o", out, "--epochs", 1]).exit_code == 0
+    _, payload = load_checkpoint(out)
+    assert payload["provenance"]["loss_weights"] == {}
+
+
+def test_unknown_loss_weight_names_every_term_of_the_model(tmp_path, aux_model_registered):
+    data = torchmil_folder(tmp_path / "bags", n_classes=2)
+    out, log = tmp_path / "m.pt", tmp_path / "log.csv"
+    result = run([aux_model_registered, data, "-o", out, "--epochs", 3, "--log", log,
+                  "--loss-weight", "aux=0.5", "--loss-weight", "instance=0.3"])
+    assert result.exit_code == InvalidInputError.exit_code, result.output
+    lines = result.output.strip().splitlines()
+    assert lines == [
+        "mil-train: error: --loss-weight names instance, which _TestCliAuxABMIL does not compute; "
+        "its loss terms are cls, aux"
+    ]
+    assert not out.exists() and not log.exists()  # stopped within the first epoch
+
+
+class CountingABMIL(ABMIL):
+    """Counts compute_loss calls, to show where the Trainer stops."""
+
+    calls = 0
+
+    def compute_loss(self, batch):
+        CountingABMIL.calls += 1
+        return super().compute_loss(batch)
+
+
+def test_trainer_stops_after_the_first_batch_on_an_unknown_term(tmp_path):
+    bags = _folder_bags(tmp_path)
+    model = CountingABMIL(in_dim=5, n_classes=3)
+    CountingABMIL.calls = 0
+    trainer = Trainer(model, epochs=2, progress=False, loss_weights={"cls": 1.0, "typo": 2.0})
+    with pytest.raises(UnknownLossTermError) as info:
+        trainer.fit(make_loader(bags, batch_size=2))
+    assert CountingABMIL.calls == 1
+    assert info.value.unknown == ["typo"] and info.value.terms == ["cls"]
+    assert "'typo'" in str(info.value) and "'cls'" in str(info.value)
+
+
+def _folder_bags(tmp_path):
+    from mil_train.data.torchmil_folder import TorchmilFolderDataset
+
+    dataset = TorchmilFolderDataset(torchmil_folder(tmp_path / "bags"))
+    return [dataset[i] for i in range(len(dataset))]
