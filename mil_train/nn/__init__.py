@@ -2,5 +2,13 @@
 
 from mil_train.nn.attention_pool import AttentionPool
 from mil_train.nn.mlp import instance_mlp
+from mil_train.nn.self_attention import MultiheadSelfAttention
+from mil_train.nn.transformer import TransformerEncoder, TransformerEncoderLayer
 
-__all__ = ["AttentionPool", "instance_mlp"]
+__all__ = [
+    "AttentionPool",
+    "instance_mlp",
+    "MultiheadSelfAttention",
+    "TransformerEncoder",
+    "TransformerEncoderLayer",
+]
