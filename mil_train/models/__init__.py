@@ -3,6 +3,7 @@
 from mil_train.models.base import MILModel, MILOutput, masked_softmax
 from mil_train.models.registry import create_model, get_model_class, list_models, register_model
 from mil_train.models.abmil import ABMIL
+from mil_train.models.prob_smooth_abmil import ProbSmoothABMIL
 
 __all__ = [
     "MILModel",
@@ -13,4 +14,5 @@ __all__ = [
     "list_models",
     "register_model",
     "ABMIL",
+    "ProbSmoothABMIL",
 ]

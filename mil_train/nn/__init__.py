@@ -4,6 +4,7 @@ from mil_train.nn.attention_pool import AttentionPool
 from mil_train.nn.mlp import instance_mlp
 from mil_train.nn.self_attention import MultiheadSelfAttention
 from mil_train.nn.transformer import TransformerEncoder, TransformerEncoderLayer
+from mil_train.nn.prob_smooth_pool import ProbSmoothAttentionPool
 
 __all__ = [
     "AttentionPool",
@@ -11,4 +12,5 @@ __all__ = [
     "MultiheadSelfAttention",
     "TransformerEncoder",
     "TransformerEncoderLayer",
+    "ProbSmoothAttentionPool",
 ]
