@@ -4,6 +4,8 @@ from mil_train.models.base import MILModel, MILOutput, masked_softmax
 from mil_train.models.registry import create_model, get_model_class, list_models, register_model
 from mil_train.models.abmil import ABMIL
 from mil_train.models.prob_smooth_abmil import ProbSmoothABMIL
+from mil_train.models.transformer_abmil import TransformerABMIL
+from mil_train.models.iibmil import IIBMIL
 
 __all__ = [
     "MILModel",
@@ -15,4 +17,6 @@ __all__ = [
     "register_model",
     "ABMIL",
     "ProbSmoothABMIL",
+    "TransformerABMIL",
+    "IIBMIL",
 ]
