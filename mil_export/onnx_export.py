@@ -1,7 +1,8 @@
 """Export a registered MIL model to ONNX with symbolic batch/bag/edges axes and milkit metadata.
 
 One path for every model: a wrapper maps the contract's input names to `model.forward` and returns
-(logits, probabilities, attention); `torch.export.export` traces it with dynamic shapes, and
+(logits, probabilities, attention), plus attention_by_class for multi-branch models (`output_names`);
+`torch.export.export` traces it with dynamic shapes, and
 `torch.onnx.export` translates that program. Exporting the module directly can silently freeze a
 dynamic axis into a constant, which is why the program is exported instead.
 """
@@ -41,15 +42,16 @@ EXAMPLE_BATCH = 3  # > 1: a batch of 1 in the example would let the exporter spe
 
 
 class ContractWrapper(nn.Module):
-    """Contract inputs in, contract outputs out: (logits, probabilities, attention).
+    """Contract inputs in, contract outputs out: (logits, probabilities, attention[, attention_by_class]).
 
     Optional inputs arrive as keyword arguments so one signature serves every model; the exporter
-    names the ONNX inputs after these parameters.
+    names the ONNX inputs after these parameters, and the outputs after `output_names(model)`.
     """
 
     def __init__(self, model: MILModel) -> None:
         super().__init__()
         self.model = model
+        self.per_class = exports_class_attention(model)  # a Python constant of the model, not of a tensor
 
     def forward(
         self,
@@ -58,10 +60,33 @@ class ContractWrapper(nn.Module):
         edge_index: torch.Tensor | None = None,
         edge_weight: torch.Tensor | None = None,
         coords: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, ...]:
         out = self.model(features, mask, edge_index=edge_index, edge_weight=edge_weight, coords=coords)
         probabilities = self.model.probabilities(out.logits)  # (batch, n_classes)
-        return out.logits, probabilities, out.attention
+        if not self.per_class:
+            return out.logits, probabilities, out.attention
+        if out.attention_by_class is None:
+            raise MilkitError(
+                f"{self.model.name} declares class_attention = True but its forward left "
+                "MILOutput.attention_by_class empty; fill it with the (batch, n_classes, bag) maps"
+            )
+        return out.logits, probabilities, out.attention, out.attention_by_class  # ..., (batch, n_classes, bag)
+
+
+def exports_class_attention(model: MILModel) -> bool:
+    """Multi-branch models with n_classes >= 2 export `attention_by_class`.
+
+    A binary model (n_classes=1) has one branch, whose map is `attention`: no per-class output.
+    """
+    return bool(getattr(model, "class_attention", False)) and model.n_classes >= 2
+
+
+def output_names(model: MILModel) -> list[str]:
+    """The contract outputs `model`'s graph has, in order."""
+    names = list(contract.MIL_OUTPUTS)
+    if exports_class_attention(model):
+        names.append(contract.ATTENTION_BY_CLASS)
+    return names
 
 
 def input_names(model: MILModel) -> list[str]:
@@ -150,7 +175,8 @@ def export_program(model: MILModel, example_bag: int = 8) -> tuple[torch.export.
     return program, inputs
 
 
-def _to_onnx(program: torch.export.ExportedProgram, inputs: dict, opset: int | None, verbose: bool):
+def _to_onnx(program: torch.export.ExportedProgram, inputs: dict, outputs: Sequence[str], opset: int | None,
+             verbose: bool):
     """Translate the program; keep every parameter as an initializer named after its state_dict key.
 
     optimize=False because the optimizer folds small weights into anonymous transposed constants,
@@ -165,7 +191,7 @@ def _to_onnx(program: torch.export.ExportedProgram, inputs: dict, opset: int | N
             program,
             args,
             kwargs=kwargs,
-            output_names=list(contract.MIL_OUTPUTS),
+            output_names=list(outputs),
             opset_version=opset,
             dynamo=True,
             optimize=False,
@@ -216,6 +242,12 @@ def _check_inputs(model_proto, names: Sequence[str]) -> None:
         raise MilkitError(f"exported inputs are {found}, the contract expects {list(names)}")
 
 
+def _check_outputs(model_proto, names: Sequence[str]) -> None:
+    found = [value.name for value in model_proto.graph.output]
+    if found != list(names):
+        raise MilkitError(f"exported outputs are {found}, the contract expects {list(names)}")
+
+
 def _coerce(value: Any, cls: type, what: str):
     if value is None or isinstance(value, cls):
         return value
@@ -253,6 +285,7 @@ def build_metadata(
         model_name=model.name,
         feature_dim=in_dim,
         inputs=input_names(model),
+        outputs=output_names(model),
         model_config=dict(model.config),
         n_classes=n_classes,
         class_names=names,
@@ -297,7 +330,8 @@ def export_onnx(
     """Export `model` to `path` following the milkit ONNX contract; returns the path.
 
     Inputs: features, mask (+ edge_index, edge_weight for graph models, + coords for spatial ones);
-    outputs: logits, probabilities, attention; axes batch, bag, edges symbolic. The file is written
+    outputs: logits, probabilities, attention (+ attention_by_class for multi-branch models with
+    n_classes >= 2); axes batch, bag, edges symbolic. The file is written
     atomically and checked with onnx.checker.
     """
     import onnx
@@ -310,7 +344,9 @@ def export_onnx(
     model.eval()  # dropout off, deterministic inference paths on
     try:
         program, inputs = export_program(model, example_bag)
-        model_proto = _to_onnx(program, inputs, opset, verbose)
+        model_proto = _to_onnx(program, inputs, metadata.outputs, opset, verbose)
+    except MilkitError:  # the wrapper's own refusal already says what to do
+        raise
     except Exception as exc:  # torch.export / torch.onnx report model code they cannot trace
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise MilkitError(
@@ -321,6 +357,7 @@ def export_onnx(
         model.train(was_training)
     names = metadata.inputs
     _check_inputs(model_proto, names)
+    _check_outputs(model_proto, metadata.outputs)
     name_symbolic_axes(model_proto, names)
     for key, value in metadata.to_props().items():
         entry = model_proto.metadata_props.add()

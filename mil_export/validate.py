@@ -1,7 +1,8 @@
 """Check an exported MIL model: onnxruntime (CPU) against eager PyTorch, bag size by bag size.
 
 Each size is run alone, and padded inside a batch of three bags of different lengths; a row records
-the largest absolute difference per output, and how far the padded bag's result moved from the same
+the largest absolute difference per output (every output the file lists in `milkit.outputs`,
+attention_by_class included), and how far the padded bag's result moved from the same
 bag run alone. Without a model in hand, the eager model is rebuilt from the file itself: registry
 name and config from `milkit.model`, weights from the ONNX initializers.
 """
@@ -110,12 +111,19 @@ def _run_both(session, model: MILModel, features: torch.Tensor, lengths: Sequenc
             contract.PROBABILITIES: model.probabilities(out.logits),
             contract.ATTENTION: out.attention,
         }
+        if contract.ATTENTION_BY_CLASS in session.metadata.outputs:
+            if out.attention_by_class is None:
+                raise ContractMismatchError(
+                    f"{session.path} has an {contract.ATTENTION_BY_CLASS} output but the eager "
+                    f"{model.name} returns none; pass the model this file was exported from"
+                )
+            eager[contract.ATTENTION_BY_CLASS] = out.attention_by_class  # (batch, n_classes, bag)
     eager_out = {name: value.float().numpy() for name, value in eager.items()}
     return ort_out, eager_out
 
 
 def _max_errors(ort_out: dict, eager_out: dict) -> dict[str, float]:
-    return {name: float(np.max(np.abs(ort_out[name] - eager_out[name]))) for name in contract.MIL_OUTPUTS}
+    return {name: float(np.max(np.abs(ort_out[name] - eager_out[name]))) for name in eager_out}
 
 
 def _padding_drift(padded: dict, alone: dict, n: int) -> float:
@@ -123,6 +131,10 @@ def _padding_drift(padded: dict, alone: dict, n: int) -> float:
     drift = [np.abs(padded[name][0] - alone[name][0]).max() for name in (contract.LOGITS, contract.PROBABILITIES)]
     drift.append(np.abs(padded[contract.ATTENTION][0, :n] - alone[contract.ATTENTION][0]).max())
     drift.append(np.abs(padded[contract.ATTENTION][0, n:]).max(initial=0.0))
+    if contract.ATTENTION_BY_CLASS in alone:  # (batch, n_classes, bag): every class's map, same rule
+        by_class_padded, by_class_alone = padded[contract.ATTENTION_BY_CLASS], alone[contract.ATTENTION_BY_CLASS]
+        drift.append(np.abs(by_class_padded[0, :, :n] - by_class_alone[0]).max())
+        drift.append(np.abs(by_class_padded[0, :, n:]).max(initial=0.0))
     return float(max(drift))
 
 
@@ -132,7 +144,8 @@ def validate_onnx(
     sizes: Sequence[int] = DEFAULT_SIZES,
     seed: int = 0,
 ) -> list[ValidationRow]:
-    """Compare onnxruntime (CPU) with eager PyTorch on logits, probabilities and attention.
+    """Compare onnxruntime (CPU) with eager PyTorch on logits, probabilities and attention
+    (and attention_by_class, for files that have it).
 
     Returns two rows per size: the bag alone, and the bag padded in a batch of three. Padded rows
     also carry `padded_vs_alone`, the onnxruntime drift between the two runs of that bag.
@@ -172,10 +185,15 @@ def validate_onnx(
 
 def format_table(rows: Sequence[ValidationRow]) -> str:
     """Rows as an aligned text table, one line per (bag size, padded)."""
-    columns = [*contract.MIL_OUTPUTS, PADDING_ERROR]
-    header = f"{'bag':>7} {'padded':>6} " + " ".join(f"{name:>15}" for name in columns)
+    optional = [name for name in contract.MIL_OPTIONAL_OUTPUTS if any(name in row.errors for row in rows)]
+    columns = [*contract.MIL_OUTPUTS, *optional, PADDING_ERROR]
+    widths = {name: max(15, len(name)) for name in columns}
+    header = f"{'bag':>7} {'padded':>6} " + " ".join(f"{name:>{widths[name]}}" for name in columns)
     lines = [header]
     for row in rows:
-        cells = " ".join(f"{row.errors[name]:>15.3e}" if name in row.errors else f"{'-':>15}" for name in columns)
+        cells = " ".join(
+            f"{row.errors[name]:>{widths[name]}.3e}" if name in row.errors else f"{'-':>{widths[name]}}"
+            for name in columns
+        )
         lines.append(f"{row.bag:>7} {'yes' if row.padded else 'no':>6} {cells}")
     return "\n".join(lines)

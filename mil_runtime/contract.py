@@ -3,6 +3,9 @@
 This module is the single definition shared by the exporter (which writes it) and the runtime (which
 reads and validates it). It depends on nothing but the standard library.
 
+Adding `milkit.outputs` kept schema 1: an older runtime ignores the key and the extra output (it
+fetches outputs by name), and this runtime reads older files as having the standard outputs.
+
 Metadata lives in the ONNX file's `metadata_props` as string key/value pairs. Structured values are
 JSON. Keys (all prefixed ``milkit.``):
 
@@ -14,6 +17,9 @@ JSON. Keys (all prefixed ``milkit.``):
 | task             | JSON {"n_classes": int, "class_names": [...], "activation": "sigmoid"/"softmax"} |
 | feature_dim      | integer: D of `features` (mil) or of the output (encoder)               |
 | inputs           | JSON list of input names, e.g. ["features", "mask"]                     |
+| outputs          | JSON list of output names, e.g. ["logits", "probabilities", "attention"] |
+|                  | (+ "attention_by_class" for multi-branch models). Files written before  |
+|                  | this key existed lack it: absent means `standard_outputs(kind)`          |
 | graph            | JSON {"rule": "grid8", "params": {...}} or null                         |
 | encoder          | JSON {"name", "output_dim", "sha256"} or null (mil only)                |
 | tiling           | JSON {"tile_px": int, "mpp": float, "overlap": float} or null           |
@@ -41,10 +47,14 @@ COORDS = "coords"  # int64 [batch, bag, 2], grid units, (y, x)
 LOGITS = "logits"  # float32 [batch, n_classes]
 PROBABILITIES = "probabilities"  # float32 [batch, n_classes]
 ATTENTION = "attention"  # float32 [batch, bag]
+# float32 [batch, n_classes, bag]: one attention map per class, each normalised like `attention`;
+# only multi-branch models with n_classes >= 2 have it (a binary model's one map is `attention`)
+ATTENTION_BY_CLASS = "attention_by_class"
 
 MIL_REQUIRED_INPUTS = (FEATURES, MASK)
 MIL_OPTIONAL_INPUTS = (EDGE_INDEX, EDGE_WEIGHT, COORDS)
-MIL_OUTPUTS = (LOGITS, PROBABILITIES, ATTENTION)
+MIL_OUTPUTS = (LOGITS, PROBABILITIES, ATTENTION)  # every MIL graph has these
+MIL_OPTIONAL_OUTPUTS = (ATTENTION_BY_CLASS,)
 
 # Encoder graph
 TILES = "tiles"  # uint8 [batch, H, W, 3] RGB
@@ -56,6 +66,11 @@ BAG_AXIS = "bag"
 EDGES_AXIS = "edges"
 
 KINDS = ("mil", "encoder")
+
+
+def standard_outputs(kind: str) -> list[str]:
+    """The outputs a file of `kind` has when its metadata lists none (files older than milkit.outputs)."""
+    return list(MIL_OUTPUTS) if kind == "mil" else [ENCODER_OUTPUT]
 
 
 @dataclass
@@ -82,6 +97,7 @@ class ModelMetadata:
     model_name: str
     feature_dim: int
     inputs: list[str]
+    outputs: list[str] | None = None  # None: the standard outputs of `kind` (set in __post_init__)
     model_config: dict[str, Any] = field(default_factory=dict)
     n_classes: int | None = None
     class_names: list[str] | None = None
@@ -92,6 +108,14 @@ class ModelMetadata:
     version: str = ""
     provenance: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        self.outputs = standard_outputs(self.kind) if self.outputs is None else list(self.outputs)
+
+    @property
+    def has_class_attention(self) -> bool:
+        """The graph has `attention_by_class`: one attention map per class (multi-branch models)."""
+        return ATTENTION_BY_CLASS in (self.outputs or ())
 
     # -- writing -----------------------------------------------------------------------------
     def to_props(self) -> dict[str, str]:
@@ -106,6 +130,7 @@ class ModelMetadata:
             "task": json.dumps(task),
             "feature_dim": str(self.feature_dim),
             "inputs": json.dumps(list(self.inputs)),
+            "outputs": json.dumps(list(self.outputs)),
             "graph": json.dumps(self.graph),
             "encoder": json.dumps(asdict(self.encoder) if self.encoder else None),
             "tiling": json.dumps(asdict(self.tiling) if self.tiling else None),
@@ -150,12 +175,16 @@ class ModelMetadata:
         task = get("task") or {}
         encoder = get("encoder")
         tiling = get("tiling")
+        outputs = get("outputs") if PREFIX + "outputs" in props else None  # absent: standard outputs
+        if outputs is not None and not (isinstance(outputs, list) and all(isinstance(o, str) for o in outputs)):
+            raise ModelFormatError(f"{source}: milkit.outputs must be a JSON list of output names; re-export the model")
         meta = cls(
             kind=kind,
             model_name=model.get("name", ""),
             model_config=model.get("config", {}),
             feature_dim=int(get("feature_dim")),
             inputs=list(get("inputs")),
+            outputs=outputs,
             n_classes=task.get("n_classes"),
             class_names=task.get("class_names"),
             activation=task.get("activation"),
@@ -187,8 +216,38 @@ class ModelMetadata:
                 raise ModelFormatError(
                     f"{source}: {len(self.class_names)} class names for n_classes={self.n_classes}"
                 )
+            if self.class_names is not None and len(set(self.class_names)) != len(self.class_names):
+                raise ModelFormatError(
+                    f"{source}: class names {self.class_names} are not unique; results are keyed by class name, "
+                    "re-export the model with distinct names"
+                )
             if (EDGE_INDEX in self.inputs) != (self.graph is not None):
                 raise ModelFormatError(f"{source}: graph inputs and milkit.graph disagree")
+            self._validate_mil_outputs(source)
+        elif self.outputs != [ENCODER_OUTPUT]:
+            raise ModelFormatError(
+                f"{source}: an encoder has the one output {ENCODER_OUTPUT!r}, milkit.outputs lists {self.outputs}; "
+                "re-export the encoder with mil-export"
+            )
+
+    def _validate_mil_outputs(self, source: str) -> None:
+        outputs = list(self.outputs or ())
+        missing = [name for name in MIL_OUTPUTS if name not in outputs]
+        if missing:
+            raise ModelFormatError(f"{source}: milkit.outputs lists no output {missing}; re-export the model")
+        unknown = [name for name in outputs if name not in MIL_OUTPUTS + MIL_OPTIONAL_OUTPUTS]
+        if unknown:
+            raise ModelFormatError(
+                f"{source}: unknown outputs {unknown} (this milkit knows {list(MIL_OUTPUTS + MIL_OPTIONAL_OUTPUTS)}); "
+                "upgrade milkit or re-export the model"
+            )
+        if len(set(outputs)) != len(outputs):
+            raise ModelFormatError(f"{source}: milkit.outputs {outputs} lists an output twice; re-export the model")
+        if ATTENTION_BY_CLASS in outputs and self.n_classes == 1:
+            raise ModelFormatError(
+                f"{source}: a binary model (n_classes=1) has one attention map, `{ATTENTION}`, but milkit.outputs "
+                f"lists {ATTENTION_BY_CLASS}; re-export the model"
+            )
 
     # -- helpers ----------------------------------------------------------------------------
     @property

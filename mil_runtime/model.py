@@ -3,6 +3,7 @@
     runner = load_model("abmil.onnx", device="auto")
     prediction = runner.predict(features, coords=grid_yx)   # (N, D) float32, (N, 2) int64 (y, x)
     prediction.predicted_name, prediction.class_probabilities, prediction.attention
+    prediction.attention_by_class    # {class name: (N,)} for multi-branch models, else None
 
 Inputs are validated before onnxruntime sees them (feature dim, NaN/Inf, empty bag, coords for
 graph and spatial models), so every refusal is a milkit error with a message that says what to do.
@@ -29,7 +30,11 @@ class Prediction:
 
     logits, probabilities: (n_classes,) as the model outputs them (n_classes=1 for binary).
     class_probabilities:   (len(class_names),): binary models report [1 - p, p].
-    attention:             (N,) per-instance weights, summing to 1.
+    attention:             (N,) per-instance weights, summing to 1: the model's `attention` output
+                           (for multi-branch models, the predicted class's map).
+    attention_by_class:    {class name: (N,) weights summing to 1}, in class order, for models with
+                           one attention branch per class (the `attention_by_class` output); None for
+                           every other model, binary ones included, which have one map only.
     """
 
     logits: np.ndarray
@@ -38,6 +43,7 @@ class Prediction:
     class_names: list[str]
     predicted_index: int
     attention: np.ndarray
+    attention_by_class: dict[str, np.ndarray] | None = None
 
     @property
     def predicted_name(self) -> str:
@@ -69,8 +75,16 @@ class MILRunner(SessionRunner):
         """Graph and spatial models need each instance's grid position."""
         return contract.COORDS in self.metadata.inputs or self.metadata.graph is not None
 
+    @property
+    def has_class_attention(self) -> bool:
+        """Predictions carry `attention_by_class` (one map per class: multi-branch models)."""
+        return self.metadata.has_class_attention
+
     def _check_graph_signature(self) -> None:
-        """The ONNX graph's inputs and outputs must be the ones its metadata promises."""
+        """The ONNX graph's inputs and outputs must be the ones its metadata promises.
+
+        Files older than `milkit.outputs` read as listing the standard outputs (contract).
+        """
         graph_inputs = {i.name for i in self.session.inference.get_inputs()}
         graph_outputs = {o.name: o for o in self.session.inference.get_outputs()}
         source = str(self.path)
@@ -79,15 +93,24 @@ class MILRunner(SessionRunner):
                 f"{source}: graph inputs {sorted(graph_inputs)} differ from milkit.inputs "
                 f"{sorted(self.metadata.inputs)}; re-export the model with mil-export"
             )
-        missing = [name for name in contract.MIL_OUTPUTS if name not in graph_outputs]
-        if missing:
-            raise ModelFormatError(f"{source}: graph has no output {missing}; re-export the model with mil-export")
-        width = graph_outputs[contract.LOGITS].shape[-1]
-        if isinstance(width, int) and width != self.metadata.n_classes:
+        if set(graph_outputs) != set(self.metadata.outputs):
             raise ModelFormatError(
-                f"{source}: logits have {width} columns but milkit.task says n_classes="
-                f"{self.metadata.n_classes}; re-export the model"
+                f"{source}: graph outputs {sorted(graph_outputs)} differ from milkit.outputs "
+                f"{sorted(self.metadata.outputs)}; re-export the model with mil-export"
             )
+        n_classes = self.metadata.n_classes
+        width = graph_outputs[contract.LOGITS].shape[-1]
+        if isinstance(width, int) and width != n_classes:
+            raise ModelFormatError(
+                f"{source}: logits have {width} columns but milkit.task says n_classes={n_classes}; re-export the model"
+            )
+        if self.has_class_attention:
+            shape = graph_outputs[contract.ATTENTION_BY_CLASS].shape
+            if len(shape) != 3 or (isinstance(shape[1], int) and shape[1] != n_classes):
+                raise ModelFormatError(
+                    f"{source}: {contract.ATTENTION_BY_CLASS} has shape {shape}, expected "
+                    f"[batch, {n_classes}, bag]; re-export the model"
+                )
 
     # -- validation ----------------------------------------------------------------------------
     def _check_features(self, features: np.ndarray, source: str) -> np.ndarray:
@@ -157,7 +180,9 @@ class MILRunner(SessionRunner):
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise MilkitError(f"{self.path}: onnxruntime failed ({first[:200]})") from exc
 
-    def _prediction(self, logits: np.ndarray, probabilities: np.ndarray, attention: np.ndarray) -> Prediction:
+    def _prediction(self, logits: np.ndarray, probabilities: np.ndarray, attention: np.ndarray,
+                    attention_by_class: np.ndarray | None = None) -> Prediction:
+        """One bag's Prediction; attention_by_class: (n_classes, N) rows in class order, or None."""
         logits = logits.astype(np.float32)  # (C,)
         probabilities = probabilities.astype(np.float32)  # (C,)
         if self.metadata.n_classes == 1:
@@ -174,6 +199,9 @@ class MILRunner(SessionRunner):
             class_names=list(self.class_names),
             predicted_index=predicted,
             attention=attention.astype(np.float32),
+            attention_by_class=None if attention_by_class is None else {
+                name: row.astype(np.float32) for name, row in zip(self.class_names, attention_by_class)
+            },
         )
 
     def predict(
@@ -212,11 +240,13 @@ class MILRunner(SessionRunner):
             features[b, : sizes[b]] = bag_features
             mask[b, : sizes[b]] = True
         outputs = self._run(self._feeds(features, mask, checked_coords))
+        by_class = outputs.get(contract.ATTENTION_BY_CLASS)  # (B, C, N) or None
         return [
             self._prediction(
                 outputs[contract.LOGITS][b],  # (C,)
                 outputs[contract.PROBABILITIES][b],  # (C,)
                 outputs[contract.ATTENTION][b, : sizes[b]],  # (N_b,)
+                None if by_class is None else by_class[b, :, : sizes[b]],  # (C, N_b)
             )
             for b in range(len(bags))
         ]

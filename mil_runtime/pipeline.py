@@ -67,6 +67,11 @@ class SlideResult:
         return np.asarray(self.prediction.attention, dtype=np.float32)  # (N,)
 
     @property
+    def attention_by_class(self) -> dict[str, np.ndarray] | None:
+        """{class name: (N,)} for models with one attention map per class, else None."""
+        return self.prediction.attention_by_class
+
+    @property
     def predicted_name(self) -> str:
         return self.prediction.predicted_name
 
@@ -178,7 +183,7 @@ def run_slide(
     """Predict one slide with `model` (MILRunner) on features from `encoder` (encoder runner).
 
     With `out_dir`, writes <stem>.json, .heatmap.png, .tissue.png, .tiles.geojson, .tiles.csv and
-    .features.h5 there, all or none. Raises the mil_runtime.errors family (SlideReadError,
+    .features.h5 there, all or none; models with per-class attention add .heatmap.<class>.png per class. Raises the mil_runtime.errors family (SlideReadError,
     MppUnknownError, NoTissueError, ContractMismatchError, OutputError, ...).
     """
     timings: dict[str, float] = {}
@@ -241,14 +246,14 @@ def run_slide(
                                  output_dim=int(encoder.output_dim)),
     )
     if out_dir is not None:
-        result.outputs = dict(paths)
+        result.outputs = output_paths(out_dir, slide_path.stem, list(result.attention_by_class or {}))
         feature_args = None if reused else {
             "features": features, "coords_px": xy, "tile_px_level0": plan.tile_level0,
             "stride_level0": plan.stride_level0, "mpp": mpp_value,
             "patch_size": plan.read_px, "patch_level": plan.level, "encoder": encoder.name,
             "encoder_sha256": encoder.sha256,
         }
-        table = TileTable(xy, plan.tile_level0, grid_yx, fractions, result.attention)
+        table = TileTable(xy, plan.tile_level0, grid_yx, fractions, result.attention, result.attention_by_class)
 
         def finished() -> dict:  # called once every other file is staged, so "write" covers them
             timings["write"] = time.perf_counter() - clock

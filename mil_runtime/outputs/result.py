@@ -17,6 +17,10 @@
       ... slide only: "tissue", "features_reused", "outputs" ...
       "tiles": [{"x", "y", "attention"}]          level-0 px top-left corners; x, y null without coords
     }
+
+Models with one attention map per class (Prediction.attention_by_class) give every tile one more
+field, "attention_by_class": {class name: weight}; "attention" stays the model's `attention` (the
+predicted class's map). Other models' tiles have no such field.
 """
 
 from __future__ import annotations
@@ -56,9 +60,13 @@ def encoder_identity(runner: Any, name: str | None, sha256: str | None, *, file:
     }
 
 
-def tiles_field(xy_level0: np.ndarray | None, attention: np.ndarray) -> list[dict[str, Any]]:
-    """Per-tile level-0 (x, y) top-left corners with attention; x and y are null without coords."""
-    return [
+def tiles_field(xy_level0: np.ndarray | None, attention: np.ndarray,
+                attention_by_class: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
+    """Per-tile level-0 (x, y) top-left corners with attention; x and y are null without coords.
+
+    attention_by_class: {class name: (N,)} adds each tile's {class name: weight} (multi-branch models).
+    """
+    tiles = [
         {
             "x": int(xy_level0[i, 0]) if xy_level0 is not None else None,
             "y": int(xy_level0[i, 1]) if xy_level0 is not None else None,
@@ -66,6 +74,11 @@ def tiles_field(xy_level0: np.ndarray | None, attention: np.ndarray) -> list[dic
         }
         for i, weight in enumerate(attention)
     ]
+    if attention_by_class:
+        columns = {name: np.asarray(weights, dtype=np.float64).tolist() for name, weights in attention_by_class.items()}
+        for i, tile in enumerate(tiles):
+            tile["attention_by_class"] = {name: column[i] for name, column in columns.items()}
+    return tiles
 
 
 def result_document(
@@ -102,5 +115,5 @@ def result_document(
         "timings_s": {k: round(float(v), 4) for k, v in timings.items()},
         "warnings": list(warnings),
         **(extra or {}),
-        "tiles": tiles_field(xy_level0, prediction.attention),
+        "tiles": tiles_field(xy_level0, prediction.attention, prediction.attention_by_class),
     }

@@ -3,6 +3,11 @@
 Every file is staged as a hidden temporary in the output folder and renamed only after all of them
 were written (mil_runtime.atomic), so an error half-way (disk full, a bad value) leaves no partial
 or orphan files behind.
+
+Models with one attention map per class (`Prediction.attention_by_class`) add a heatmap per class,
+`<stem>.heatmap.<class>.png` (the class name made safe for file names, `class_file_labels`), and
+`attention_<class>` columns / measurements (the class name as it is) to the CSV and the GeoJSON;
+`<stem>.heatmap.png` and `attention` stay the model's `attention`, the predicted class's map.
 """
 
 from __future__ import annotations
@@ -10,7 +15,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +40,37 @@ SUFFIXES = {
 }
 
 
-def output_paths(out_dir: str | os.PathLike, stem: str) -> dict[str, Path]:
-    """Where each output of slide `stem` goes in `out_dir`."""
-    return {kind: Path(out_dir) / f"{stem}{suffix}" for kind, suffix in SUFFIXES.items()}
+CLASS_HEATMAP_KIND = "heatmap."  # + class name: the kind of a per-class heatmap in output_paths
+MAX_LABEL_CHARS = 64  # a class's part of a file name; long names are cut (file names stop at 255 bytes)
+
+
+def class_file_labels(class_names: Sequence[str]) -> dict[str, str]:
+    """{class name: its label in file names}: characters other than A-Z a-z 0-9 . _ - become "_".
+
+    Labels are unique even on case-insensitive filesystems: one that would clash with an earlier
+    class's ("a/b" after "a_b", "Tumor" after "tumor") gets "_<class index>" appended.
+    """
+    labels: dict[str, str] = {}
+    taken: set[str] = set()
+    for index, name in enumerate(class_names):
+        label = re.sub(r"[^A-Za-z0-9._-]", "_", str(name))[:MAX_LABEL_CHARS] or f"class_{index}"
+        while label.casefold() in taken:
+            label = f"{label}_{index}"
+        taken.add(label.casefold())
+        labels[name] = label
+    return labels
+
+
+def output_paths(out_dir: str | os.PathLike, stem: str, class_names: Sequence[str] = ()) -> dict[str, Path]:
+    """Where each output of slide `stem` goes in `out_dir`.
+
+    `class_names`: the classes of a model with per-class attention; each adds the kind
+    "heatmap.<class name>" at `<stem>.heatmap.<label>.png` (label from `class_file_labels`).
+    """
+    paths = {kind: Path(out_dir) / f"{stem}{suffix}" for kind, suffix in SUFFIXES.items()}
+    for name, label in class_file_labels(class_names).items():
+        paths[CLASS_HEATMAP_KIND + name] = Path(out_dir) / f"{stem}.heatmap.{label}.png"
+    return paths
 
 
 def to_jsonable(value: Any) -> Any:
@@ -65,6 +99,19 @@ class TileTable:
     grid_yx: np.ndarray  # (N, 2) int64 (row, col)
     tissue_fraction: np.ndarray  # (N,)
     attention: np.ndarray  # (N,)
+    attention_by_class: Mapping[str, np.ndarray] | None = None  # {class name: (N,)}, multi-branch models
+
+    @property
+    def class_names(self) -> list[str]:
+        """Classes with their own attention map ([] for single-map models)."""
+        return list(self.attention_by_class or {})
+
+    def measurements(self) -> dict[str, np.ndarray]:
+        """Per-tile numbers of the GeoJSON: attention, tissue fraction, attention_<class> per class."""
+        values = {"attention": self.attention, "tissue_fraction": self.tissue_fraction}
+        for name, weights in (self.attention_by_class or {}).items():
+            values[f"attention_{name}"] = weights
+        return values
 
 
 def _save_png(path: Path, pixels: np.ndarray) -> None:
@@ -81,28 +128,32 @@ def write_slide_outputs(
     scale: tuple[float, float],
     features: dict | None = None,
 ) -> dict[str, Path]:
-    """Write JSON, heatmap, tissue mask, GeoJSON, tiles CSV and (when `features` is given) the .h5.
+    """Write JSON, heatmap(s), tissue mask, GeoJSON, tiles CSV and (when `features` is given) the .h5.
 
+    With `tiles.attention_by_class`, one more heatmap per class (see the module docstring).
     `features` holds the keyword arguments of features_io.write_feature_file except the path.
     `result` may be a callable, called after the other files are staged (so it can time them).
     Returns {kind: final path} of the files written.
     """
-    paths = output_paths(out_dir, stem)
-    kinds = [k for k in SUFFIXES if k != "features" or features is not None]
+    paths = output_paths(out_dir, stem, tiles.class_names)
+    kinds = [k for k in paths if k != "features" or features is not None]
     with atomic_output_dir(out_dir) as staged:
         temp = {kind: staged.path(paths[kind].name) for kind in kinds}
-        heatmap = attention_heatmap(thumbnail, scale, tiles.xy_level0, tiles.size_level0, tiles.attention)
-        _save_png(temp["heatmap"], heatmap)
+
+        def save_heatmap(kind: str, attention: np.ndarray) -> None:
+            pixels = attention_heatmap(thumbnail, scale, tiles.xy_level0, tiles.size_level0, attention)
+            _save_png(temp[kind], pixels)
+
+        save_heatmap("heatmap", tiles.attention)
+        for name, weights in (tiles.attention_by_class or {}).items():
+            save_heatmap(CLASS_HEATMAP_KIND + name, weights)
         _save_png(temp["tissue_mask"], np.where(mask, 255, 0).astype(np.uint8))
-        collection = tiles_feature_collection(
-            tiles.xy_level0, tiles.size_level0,
-            {"attention": tiles.attention, "tissue_fraction": tiles.tissue_fraction},
-        )
+        collection = tiles_feature_collection(tiles.xy_level0, tiles.size_level0, tiles.measurements())
         with open(temp["geojson"], "w", encoding="utf-8") as handle:
             json.dump(collection, handle, allow_nan=False)
         with open(temp["tiles_csv"], "w", encoding="utf-8", newline="") as handle:
             write_tiles_csv(handle, tiles.xy_level0, tiles.size_level0, tiles.grid_yx,
-                            tiles.tissue_fraction, tiles.attention)
+                            tiles.tissue_fraction, tiles.attention, tiles.attention_by_class)
         if features is not None:
             write_feature_file(temp["features"], **features)
         result = result() if callable(result) else result
