@@ -92,7 +92,7 @@ def test_outputs_follow_the_contract(name, n_classes):
     assert out.attention.shape == mask.shape
     torch.testing.assert_close(out.attention.sum(dim=1), torch.ones(3), atol=1e-5, rtol=0)
     assert (out.attention[~mask] == 0).all() and (out.attention >= 0).all()
-    if model.class_attention:
+    if model.class_attention and n_classes >= 2:  # one branch per class; a binary model has one map
         assert out.attention_by_class.shape == (3, n_classes, mask.shape[1])
         torch.testing.assert_close(out.attention_by_class.sum(dim=2), torch.ones(3, n_classes), atol=1e-5, rtol=0)
         assert (out.attention_by_class.transpose(1, 2)[~mask] == 0).all()
@@ -111,7 +111,7 @@ def test_bag_alone_equals_bag_padded_with_huge_values(name, n_classes):
         n = len(bag)
         assert_close(batched.logits[i], alone.logits[0], 1e-5, f"{name} logits of bag {i}")
         assert_close(batched.attention[i, :n], alone.attention[0], 1e-5, f"{name} attention of bag {i}")
-        if model.class_attention:
+        if batched.attention_by_class is not None:
             assert_close(batched.attention_by_class[i, :, :n], alone.attention_by_class[0], 1e-5, f"{name} by class")
 
 
@@ -209,8 +209,8 @@ def eager_outputs(model, feeds: dict) -> dict:
         contract.PROBABILITIES: model.probabilities(out.logits),
         contract.ATTENTION: out.attention,
     }
-    if out.attention_by_class is not None:
-        result["attention_by_class"] = out.attention_by_class
+    if model.class_attention and model.n_classes >= 2:
+        result[contract.ATTENTION_BY_CLASS] = out.attention_by_class
     return {k: v.numpy() for k, v in result.items()}
 
 
@@ -264,7 +264,9 @@ def test_onnx_axes_are_symbolic_and_outputs_follow_metadata(exported, name):
     outputs = {o.name: o.shape for o in session.inference.get_outputs()}
     assert outputs[contract.LOGITS] == [contract.BATCH_AXIS, 3]
     assert outputs[contract.ATTENTION] == [contract.BATCH_AXIS, contract.BAG_AXIS]
-    assert ("attention_by_class" in outputs) == model.class_attention
+    assert (contract.ATTENTION_BY_CLASS in outputs) == model.class_attention
+    if model.class_attention:
+        assert outputs[contract.ATTENTION_BY_CLASS] == [contract.BATCH_AXIS, 3, contract.BAG_AXIS]
     assert session.metadata.model_name == name and session.metadata.model_config == model.config
 
 
