@@ -1,7 +1,7 @@
 """`mil-export`: turn a training checkpoint into a milkit ONNX model, and check an exported model.
 
     mil-export model CHECKPOINT -o model.onnx [--encoder enc.onnx] [--class-names a,b] [--tile-px N --mpp X]
-    mil-export validate model.onnx [--sizes 1,2,7,49,1000,50000] [--checkpoint ckpt.pt] [--tolerance 1e-5]
+    mil-export validate model.onnx [--sizes 1,2,7,49,1000,50000] [--checkpoint ckpt.pt] [--tolerance 1e-4]
 
 Errors the user can cause print one line on stderr and exit with the code of their
 mil_runtime.errors class (3 input not found, 4 not a model/checkpoint, 5 mismatch, 7 output, ...).
@@ -94,23 +94,39 @@ def model_command(checkpoint, output, encoder_onnx, class_names, tile_px, mpp, o
 @click.option("--sizes", default="1,2,7,49,1000,50000", show_default=True, help="Bag sizes, comma-separated.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
               help="Compare with this checkpoint's model instead of the one rebuilt from the file's weights.")
-@click.option("--tolerance", type=float, default=1e-5, show_default=True,
-              help="Largest acceptable |onnxruntime - PyTorch|.")
+@click.option("--tolerance", type=float, default=1e-4, show_default=True,
+              help="Passes when |onnxruntime - PyTorch| <= tol + tol * |PyTorch| on every output.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random test bags.")
 def validate_command(model_path, sizes, checkpoint, tolerance, seed) -> None:
     """Compare onnxruntime with eager PyTorch on MODEL, alone and padded, at each bag size."""
     from mil_export.onnx_export import load_checkpoint_checked
-    from mil_export.validate import format_table, validate_onnx
+    from mil_export.validate import format_table, rebuild_model, split_sizes, validate_onnx
+    from mil_runtime.session import open_session
 
-    model = load_checkpoint_checked(checkpoint)[0] if checkpoint is not None else None
-    rows = validate_onnx(model_path, model=model, sizes=_parse_sizes(sizes), seed=seed)
+    if checkpoint is not None:
+        model = load_checkpoint_checked(checkpoint)[0]
+    else:
+        model = rebuild_model(model_path, open_session(model_path, device="cpu").metadata)
+    kept, skipped = split_sizes(model, _parse_sizes(sizes))
+    if skipped:
+        click.echo(
+            f"skipping bag sizes {', '.join(map(str, skipped))}: {model.name} declares max_bag_size "
+            f"{type(model).max_bag_size} (full self-attention; see its model card in docs/models/)", err=True
+        )
+    if not kept:
+        raise click.UsageError(f"no bag size left to validate; give sizes up to {type(model).max_bag_size}")
+    rows = validate_onnx(model_path, model=model, sizes=kept, seed=seed)
     click.echo(format_table(rows))
-    worst = max(rows, key=lambda row: row.max_error)
-    if worst.max_error > tolerance:
-        where = f"bag {worst.bag}{' padded' if worst.padded else ''}"
-        click.echo(f"mil-export: FAILED: max error {worst.max_error:.3e} at {where} > tolerance {tolerance:g}", err=True)
+    worst = max(rows, key=lambda row: row.scaled)
+    where = f"bag {worst.bag}{' padded' if worst.padded else ''}"
+    if not worst.passes(tolerance):
+        click.echo(
+            f"mil-export: FAILED: max |a - b| / (1 + |b|) = {worst.scaled:.3e} at {where} > tolerance {tolerance:g}",
+            err=True,
+        )
         sys.exit(1)
-    click.echo(f"OK: max error {worst.max_error:.3e} <= tolerance {tolerance:g}")
+    click.echo(f"OK: max error {max(r.max_error for r in rows):.3e}; max |a - b| / (1 + |b|) {worst.scaled:.3e} "
+               f"<= tolerance {tolerance:g}")
 
 
 # --- ENCODER helper: register the `encoder` subcommand below this line -----------------------------

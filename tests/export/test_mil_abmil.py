@@ -116,7 +116,26 @@ def test_cli_validate_fails_against_other_weights(cli_export, folder):
     other = save_checkpoint(_binary_gated(1), folder / "other.pt", class_names=CLASS_NAMES)
     result = CliRunner().invoke(main, ["validate", str(out), "--sizes", "7", "--checkpoint", str(other)])
     assert result.exit_code == 1
-    assert "FAILED: max error" in result.stderr
+    assert "FAILED: max |a - b| / (1 + |b|)" in result.stderr
+
+
+def test_validate_stops_at_the_declared_max_bag_size(folder, monkeypatch):
+    """A full self-attention model declares the largest bag it is checked at; validate skips larger ones."""
+    model = _binary_gated(2)
+    path = export_onnx(model, folder / "limited.onnx")
+    monkeypatch.setattr(ABMIL, "max_bag_size", 49)
+    result = CliRunner().invoke(main, ["validate", str(path), "--sizes", "7,49,50"])
+    assert result.exit_code == 0, result.output
+    assert "skipping bag sizes 50: ABMIL declares max_bag_size 49" in result.stderr
+    assert [line.split()[0] for line in result.stdout.splitlines()[1:5]] == ["7", "7", "49", "49"]
+    assert validate_onnx(path, model, sizes=(7, 50))[-1].bag == 7
+
+
+def test_validate_rule_is_relative_to_the_reference():
+    from mil_export.validate import ValidationRow
+
+    row = ValidationRow(1, False, {"logits": 2e-3}, scaled=2e-3 / (1 + 30.0))  # |b| = 30
+    assert row.passes(1e-4) and not ValidationRow(1, False, {"logits": 2e-3}, scaled=2e-3).passes(1e-4)
 
 
 def test_validate_rebuilt_from_file_matches_checkpoint_model(cli_export, checkpoint):
