@@ -6,6 +6,7 @@ from mil_train.models.abmil import ABMIL
 from mil_train.models.prob_smooth_abmil import ProbSmoothABMIL
 from mil_train.models.transformer_abmil import TransformerABMIL
 from mil_train.models.iibmil import IIBMIL
+from mil_train.models.transformer_prob_smooth_abmil import TransformerProbSmoothABMIL
 
 __all__ = [
     "MILModel",
@@ -19,4 +20,5 @@ __all__ = [
     "ProbSmoothABMIL",
     "TransformerABMIL",
     "IIBMIL",
+    "TransformerProbSmoothABMIL",
 ]

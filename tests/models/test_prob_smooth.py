@@ -262,3 +262,51 @@ def test_torchmil_predict_ignores_the_mask():
 def test_sample_counts_must_be_positive(bad):
     with pytest.raises(ValueError, match="must be >= 1"):
         ProbSmoothABMIL(in_dim=D, **bad)
+
+
+# -- TransformerProbSmoothABMIL ----------------------------------------------------------------------
+
+
+def transformer_pair(covar_mode="diag", n_samples_train=30, seed=0, **encoder):
+    config = dict(in_dim=D, pool_att_dim=8, covar_mode=covar_mode, n_samples_train=n_samples_train,
+                  transf_att_dim=16, transf_n_heads=4, **encoder)
+    torch.manual_seed(seed)
+    reference = build_reference("TransformerProbSmoothABMIL", **config)
+    return reference, from_torchmil(reference, "TransformerProbSmoothABMIL", **config)
+
+
+@pytest.mark.parametrize("covar_mode", ["diag", "zero"])
+@pytest.mark.parametrize("encoder", [{}, {"transf_n_layers": 2, "transf_add_self": False, "transf_use_mlp": False}])
+def test_transformer_eval_matches_torchmil_on_its_mean_path(covar_mode, encoder):
+    reference, model = transformer_pair(covar_mode, **encoder)
+    X, mask = padded([torch.randn(8, D), torch.randn(3, D)])
+    logits, attention = reference_outputs("TransformerProbSmoothABMIL", reference, X, mask)
+    with torch.no_grad():
+        out = model(X, mask)
+    close(out.logits, logits)
+    close(out.attention, attention)
+    assert attention[0, :8].std() > 1e-3  # the weights are not uniform: the comparison can fail
+
+
+def test_transformer_training_step_reproduces_torchmil_under_the_same_seed():
+    reference, model = transformer_pair(n_samples_train=30)
+    reference.train(), model.train()
+    n, n_bags = 10, 2
+    X = torch.randn(n_bags, n, D)
+    Y = torch.tensor([0.0, 1.0])
+    edge_index, edge_weight = batch_graph(grid_coords(n).expand(n_bags, -1, -1), rule="grid8")
+    torch.manual_seed(4)
+    ref_logits, ref_terms = reference.compute_loss(Y, X, dense_adjacency(edge_index, edge_weight, n_bags, n))
+    torch.manual_seed(4)
+    logits, terms = model.compute_loss({"X": X, "Y": Y, "edge_index": edge_index, "edge_weight": edge_weight})
+    close(logits[:, 0], ref_logits.detach())
+    close(terms["cls"].detach(), ref_terms["BCEWithLogitsLoss"].detach())
+    close(terms["kl"].detach(), ref_terms["KLDiv"].detach())
+
+
+def test_transformer_declares_the_bag_its_attention_scores_fit():
+    from mil_train.models import TransformerProbSmoothABMIL
+
+    assert TransformerProbSmoothABMIL.max_bag_size == 11585  # isqrt(4 GiB / (4 bytes * 8 heads))
+    assert 8 * 11585**2 * 4 <= 4 * 2**30 < 8 * 11586**2 * 4
+    assert TransformerProbSmoothABMIL(in_dim=D, transf_att_dim=16, transf_n_heads=4).max_bag_size == 16384
