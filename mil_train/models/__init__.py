@@ -3,6 +3,7 @@
 from mil_train.models.base import MILModel, MILOutput, masked_softmax
 from mil_train.models.registry import create_model, get_model_class, list_models, register_model
 from mil_train.models.abmil import ABMIL
+from mil_train.models.clam import CLAM_MB, CLAM_SB
 from mil_train.models.prob_smooth_abmil import ProbSmoothABMIL
 from mil_train.models.transformer_abmil import TransformerABMIL
 from mil_train.models.iibmil import IIBMIL
@@ -17,6 +18,8 @@ __all__ = [
     "list_models",
     "register_model",
     "ABMIL",
+    "CLAM_MB",
+    "CLAM_SB",
     "ProbSmoothABMIL",
     "TransformerABMIL",
     "IIBMIL",
