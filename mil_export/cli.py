@@ -111,10 +111,10 @@ def validate_command(model_path, sizes, checkpoint, tolerance, seed) -> None:
     if skipped:
         click.echo(
             f"skipping bag sizes {', '.join(map(str, skipped))}: {model.name} declares max_bag_size "
-            f"{type(model).max_bag_size} (full self-attention; see its model card in docs/models/)", err=True
+            f"{model.max_bag_size} (full self-attention; see its model card in docs/models/)", err=True
         )
     if not kept:
-        raise click.UsageError(f"no bag size left to validate; give sizes up to {type(model).max_bag_size}")
+        raise click.UsageError(f"no bag size left to validate; give sizes up to {model.max_bag_size}")
     rows = validate_onnx(model_path, model=model, sizes=kept, seed=seed)
     click.echo(format_table(rows))
     worst = max(rows, key=lambda row: row.scaled)

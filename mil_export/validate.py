@@ -50,7 +50,7 @@ class ValidationRow:
 
 def split_sizes(model: MILModel, sizes: Sequence[int]) -> tuple[list[int], list[int]]:
     """(sizes to validate, sizes above the model's declared `max_bag_size`, which are skipped)."""
-    limit = type(model).max_bag_size
+    limit = model.max_bag_size  # an instance may refine its class's value (e.g. from its head count)
     kept = [n for n in sizes if limit is None or n <= limit]
     return kept, [n for n in sizes if n not in kept]
 
@@ -83,7 +83,7 @@ def rebuild_model(path: str | os.PathLike, metadata: ModelMetadata) -> MILModel:
     from onnx import numpy_helper
 
     try:
-        model = create_model(metadata.model_name, **metadata.model_config)
+        model = create_model(metadata.model_name, **metadata.model_config).eval()  # trace the inference path
     except KeyError as exc:
         raise ModelFormatError(f"{path}: {exc.args[0]}; pass the training checkpoint with --checkpoint") from None
     initializers = {tensor.name: tensor for tensor in onnx.load(str(path)).graph.initializer}

@@ -225,10 +225,11 @@ def contract_feeds(model, lengths, seed: int, fill: float = 0.0) -> dict:
     return {k: v.numpy() for k, v in inputs.items()}
 
 
-def check_onnx_at(exported, name: str, n_classes: int, n: int) -> None:
+def check_onnx_at(exported, name: str, n_classes: int, n: int, padding: int = 3) -> None:
+    """onnxruntime vs eager at bag size n, alone and as the middle bag of three (padded by up to `padding`)."""
     model, _, session = exported(name, n_classes)
     alone = contract_feeds(model, (n,), seed=n)
-    padded = contract_feeds(model, (n + 3, n, n + 1), seed=n, fill=HUGE)
+    padded = contract_feeds(model, (n + padding, n, n + 1), seed=n, fill=HUGE)
     padded[contract.FEATURES][1, :n] = alone[contract.FEATURES][0]
     ort_alone, ort_padded = session.run(alone), session.run(padded)
     eager_alone, eager_padded = eager_outputs(model, alone), eager_outputs(model, padded)
@@ -252,7 +253,16 @@ def test_onnx_matches_eager(exported, name, n_classes):
 @pytest.mark.parametrize("name", MODELS)
 def test_onnx_matches_eager_large_bag(exported, name):
     limit = get_model_class(name).max_bag_size
-    check_onnx_at(exported, name, 3, LARGE_BAG if limit is None else min(LARGE_BAG, limit))
+    if limit is None:
+        check_onnx_at(exported, name, 3, LARGE_BAG)
+        return
+    # full self-attention: the declared size alone, and a batch of three bags that holds as many scores
+    model, _, session = exported(name, 3)
+    n = min(LARGE_BAG, limit)
+    feeds = contract_feeds(model, (n,), seed=n)
+    for key, expected in eager_outputs(model, feeds).items():
+        assert_close(session.run(feeds)[key], expected, ONNX_TOL, f"{name} {key} alone at {n}")
+    check_onnx_at(exported, name, 3, n // 2, padding=n // 4)
 
 
 @pytest.mark.parametrize("name", MODELS)
