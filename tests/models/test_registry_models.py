@@ -260,8 +260,9 @@ def test_onnx_matches_eager_large_bag(exported, name):
     model, _, session = exported(name, 3)
     n = min(LARGE_BAG, limit)
     feeds = contract_feeds(model, (n,), seed=n)
+    ort = session.run(feeds)
     for key, expected in eager_outputs(model, feeds).items():
-        assert_close(session.run(feeds)[key], expected, ONNX_TOL, f"{name} {key} alone at {n}")
+        assert_close(ort[key], expected, ONNX_TOL, f"{name} {key} alone at {n}")
     check_onnx_at(exported, name, 3, n // 2, padding=n // 4)
 
 
