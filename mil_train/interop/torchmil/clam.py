@@ -26,7 +26,9 @@ class CLAM_SBAdapter(TorchmilAdapter):
             raise ValueError("torchmil's CLAM_SB is binary only; use n_classes=1")
         inst_loss_name = config.get("inst_loss_name", "SmoothTop1SVM")
         if inst_loss_name not in TORCHMIL_INSTANCE_LOSSES:
-            raise ValueError(f"torchmil's CLAM_SB offers inst_loss_name {TORCHMIL_INSTANCE_LOSSES}, not {inst_loss_name!r}")
+            raise ValueError(
+                f"torchmil's CLAM_SB offers inst_loss_name {TORCHMIL_INSTANCE_LOSSES}, not {inst_loss_name!r}"
+            )
         return CLAM_SB(
             in_shape=(config["in_dim"],),
             att_dim=config.get("att_dim", 128),
