@@ -145,7 +145,8 @@ class CLAM_MB(_CLAM):
 
     Class c's logit is its own linear map of the bag pooled by branch c's attention. `attention_by_class`
     holds every branch's weights; `attention` is the row of the predicted class (argmax of the logits).
-    With n_classes=1 there is one branch, and the model equals CLAM_SB. Arguments as CLAM_SB.
+    With n_classes=1 there is one branch (its map is `attention`, `attention_by_class` is None), and the
+    model equals CLAM_SB. Arguments as CLAM_SB.
     """
 
     name = "CLAM_MB"
@@ -180,4 +181,6 @@ class CLAM_MB(_CLAM):
         predicted = logits.argmax(dim=-1)  # (batch,)
         index = predicted[:, None, None].expand(-1, 1, attention_by_class.shape[-1])  # (batch, 1, bag)
         attention = attention_by_class.gather(1, index).squeeze(1)  # (batch, bag)
+        if self.n_classes == 1:  # one branch: its map is `attention`, and the contract has no per-class output
+            return MILOutput(logits=logits, attention=attention)
         return MILOutput(logits=logits, attention=attention, attention_by_class=attention_by_class)

@@ -56,6 +56,11 @@ def torchmil_svm_fixed():
         utils.delta = original
 
 
+def branch_weights(out) -> torch.Tensor:
+    """(batch, branches, bag): every branch's weights; a single-branch output has one row, `attention`."""
+    return out.attention_by_class if out.attention_by_class is not None else out.attention.unsqueeze(1)
+
+
 def torchmil_pair(seed: int = 0, **config):
     """A torchmil CLAM_SB and the milkit CLAM_SB holding its weights (binary, raw features)."""
     from mil_train.interop.torchmil import build_reference, from_torchmil
@@ -147,8 +152,7 @@ def test_instance_loss_of_a_padded_bag_equals_the_bag_alone(name, n_classes, fil
     X, mask = pad(bags, fill)
     H = model._embed(X, mask)
     out = model._pool_and_classify(H, mask)
-    weights = out.attention_by_class if name == "CLAM_MB" else out.attention.unsqueeze(1)
-    batched = model.instance(H, weights, labels, mask)  # (batch,)
+    batched = model.instance(H, branch_weights(out), labels, mask)  # (batch,)
     assert torch.isfinite(batched).all()
     for i, bag in enumerate(bags):
         _, terms = model.compute_loss({"X": bag.unsqueeze(0), "Y": labels[i : i + 1]})
@@ -262,8 +266,7 @@ def test_instance_loss_follows_clams_code(name, n_classes, subtyping, inst_loss_
         for i, bag in enumerate(bags):
             H = model.embed(bag)  # (bag, dim)
             out = model(bag.unsqueeze(0))
-            weights = out.attention_by_class[0] if name == "CLAM_MB" else out.attention  # (branches, bag)
-            expected.append(clam_code_instance_loss(model, weights, H, int(labels[i]), loss_fn))
+            expected.append(clam_code_instance_loss(model, branch_weights(out)[0], H, int(labels[i]), loss_fn))
     close(terms["instance"], torch.stack(expected).mean())
 
 
@@ -348,7 +351,7 @@ def test_each_branch_equals_a_clam_sb_with_its_weights(gated, n_classes):
         for c in range(n_classes):
             single = branch_as_clam_sb(multi, c)(X, mask)
             close(out.logits[:, c], single.logits[:, 0], 1e-6)
-            close(out.attention_by_class[:, c], single.attention, 1e-6)
+            close(branch_weights(out)[:, c], single.attention, 1e-6)
 
 
 def test_attention_by_class_rows_are_normalised_and_attention_is_the_predicted_row():
@@ -383,4 +386,6 @@ def test_binary_clam_mb_equals_clam_sb_from_the_same_seed():
     close(logits_mb, logits_sb, 1e-6)
     close(terms_mb["instance"], terms_sb["instance"], 1e-6)
     with torch.no_grad():
-        close(multi(X, mask).attention, single(X, mask).attention, 1e-6)
+        out = multi(X, mask)
+        close(out.attention, single(X, mask).attention, 1e-6)
+    assert out.attention_by_class is None  # one branch: its map is `attention`
