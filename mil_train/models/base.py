@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mil_train.nn.masking import masked_softmax  # noqa: F401  (re-exported: models import it from here)
+
 
 @dataclass
 class MILOutput:
@@ -97,14 +99,3 @@ class MILModel(nn.Module):
             coords=batch.get("coords", None),
         )
         return out.logits, {"cls": self.classification_loss(out.logits, batch["Y"])}
-
-
-def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Softmax over the bag axis that is exactly 0 on padding.
-
-    scores: (batch, bag); mask: (batch, bag) bool, True = real instance.
-    """
-    if mask is None:
-        return torch.softmax(scores, dim=-1)
-    scores = scores.masked_fill(~mask, float("-inf"))  # (batch, bag)
-    return torch.softmax(scores, dim=-1)

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from mil_train.models.base import masked_softmax
+from mil_train.nn.masking import masked_softmax
 
 COVAR_MODES = ("diag", "zero")
 LOGIT_CLIP = 20.0  # torchmil clips sampled logits to [-20, 20]; softmax is unchanged below that size

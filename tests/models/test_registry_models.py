@@ -25,7 +25,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import IN_DIM, build_model
-from model_cases import small_config
+from model_cases import small_config, training_settings
 from mil_runtime import contract
 from mil_train.models import create_model, get_model_class, list_models
 
@@ -148,6 +148,14 @@ def test_config_is_json_and_rebuilds_the_model(name):
     rebuilt = create_model(name, **config)
     assert rebuilt.config == model.config
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+def test_blocks_import_on_their_own():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", "import mil_train.nn"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_every_model_declares_its_checks():
@@ -340,7 +348,7 @@ def test_trains_to_planted_positives(name):
     val = synthetic_bags(30, feature_dim=IN_DIM, bag_size=(20, 60), seed=11)
     test = synthetic_bags(60, feature_dim=IN_DIM, bag_size=(20, 60), seed=12)
     model = build_model(name, 1, seed=0)
-    trainer = Trainer(model, lr=5e-4, epochs=25, patience=8, monitor="val_auroc", seed=0, progress=False)
+    trainer = Trainer(model, **training_settings(name), monitor="val_auroc", seed=0, progress=False)
     trainer.fit(make_loader(train, batch_size=4, shuffle=True), make_loader(val, batch_size=8))
     predicted = trainer.predict(make_loader(test, batch_size=8))
     labels = [float(bag["Y"]) for bag in test]
