@@ -264,14 +264,23 @@ def test_onnx_matches_eager_large_bag(exported, name):
     if limit is None:
         check_onnx_at(exported, name, 3, LARGE_BAG)
         return
-    # full self-attention: the declared size alone, and a batch of three bags that holds as many scores
-    model, _, session = exported(name, 3)
+    # Full self-attention: the declared size alone, in a session without onnxruntime's memory arena
+    # (the arena keeps a run's N x N blocks and takes new ones for the next: 23 GB for IIBMIL), then
+    # a padded batch of three bags of a quarter of that size.
+    import onnxruntime as ort
+
+    model, path, _ = exported(name, 3)
+    options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = False
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     n = min(LARGE_BAG, limit)
     feeds = contract_feeds(model, (n,), seed=n)
-    ort = session.run(feeds)
+    names = [o.name for o in session.get_outputs()]
+    outputs = dict(zip(names, session.run(names, feeds)))
+    del session
     for key, expected in eager_outputs(model, feeds).items():
-        assert_close(ort[key], expected, ONNX_TOL, f"{name} {key} alone at {n}")
-    check_onnx_at(exported, name, 3, n // 2, padding=n // 4)
+        assert_close(outputs[key], expected, ONNX_TOL, f"{name} {key} alone at {n}")
+    check_onnx_at(exported, name, 3, n // 4, padding=n // 8)
 
 
 @pytest.mark.parametrize("name", MODELS)
