@@ -454,3 +454,5 @@ def test_mil_infer_on_a_slide(tmp_path_factory, name):
     record = json.loads(result.stdout.strip().splitlines()[-1])
     assert record["n_instances"] > 0 and math.isclose(sum(record["probabilities"].values()), 1.0, abs_tol=1e-5)
     assert (out / "slide.heatmap.png").is_file() and (out / "slide.tiles.geojson").is_file()
+    per_class = sorted(p.name for p in out.glob("slide.heatmap.*.png"))
+    assert per_class == ([f"slide.heatmap.{c}.png" for c in "abc"] if model.class_attention else [])
