@@ -104,3 +104,15 @@ def masked_normalise(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.T
 def strip_lazy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """torchmil wraps Linear layers in LazyLinear (`<name>.module.weight`): drop the `.module` level."""
     return {key.replace(".module.", "."): value for key, value in state.items()}
+
+
+def rename_prefixes(state: dict[str, torch.Tensor], renames: dict[str, str], model: str) -> dict[str, torch.Tensor]:
+    """Rename each key by the first matching prefix of `renames`; a key none matches is an error
+    (a torchmil version with other parameters must not load silently)."""
+    out = {}
+    for key, value in state.items():
+        old = next((prefix for prefix in renames if key.startswith(prefix)), None)
+        if old is None:
+            raise KeyError(f"unexpected torchmil {model} key {key}")
+        out[renames[old] + key[len(old):]] = value
+    return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mil_train.interop.torchmil import TorchmilAdapter, masked_normalise, register_adapter, strip_lazy
+from mil_train.interop.torchmil import TorchmilAdapter, rename_prefixes, masked_normalise, register_adapter, strip_lazy
 
 
 @register_adapter
@@ -29,15 +29,7 @@ class ABMILAdapter(TorchmilAdapter):
             "pool.fc2.": "pool.w.",
             "classifier.": "classifier.",
         }
-        out = {}
-        for key, value in state.items():
-            for old, new in renames.items():
-                if key.startswith(old):
-                    out[new + key[len(old):]] = value
-                    break
-            else:
-                raise KeyError(f"unexpected torchmil ABMIL key {key}")
-        return out
+        return rename_prefixes(state, renames, "ABMIL")
 
     def reference_outputs(self, reference, X, mask):
         logits, scores = reference(X, mask, return_att=True)  # (batch,), (batch, bag)

@@ -8,7 +8,7 @@ records the differences.
 
 from __future__ import annotations
 
-from mil_train.interop.torchmil import TorchmilAdapter, masked_normalise, register_adapter, strip_lazy
+from mil_train.interop.torchmil import TorchmilAdapter, rename_prefixes, masked_normalise, register_adapter, strip_lazy
 
 TORCHMIL_INSTANCE_LOSSES = ("SmoothTop1SVM", "BCEWithLogitsLoss")
 
@@ -47,15 +47,7 @@ class CLAM_SBAdapter(TorchmilAdapter):
             "classifier.": "classifier.",
             "inst_classifiers.": "instance.classifiers.",
         }
-        out = {}
-        for key, value in state.items():
-            for old, new in renames.items():
-                if key.startswith(old):
-                    out[new + key[len(old):]] = value
-                    break
-            else:
-                raise KeyError(f"unexpected torchmil CLAM_SB key {key}")
-        return out
+        return rename_prefixes(state, renames, "CLAM_SB")
 
     def reference_outputs(self, reference, X, mask):
         logits, scores = reference(X, mask, return_att=True)  # (batch,), (batch, bag)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from mil_train.interop.torchmil import TorchmilAdapter, register_adapter
+from mil_train.interop.torchmil import TorchmilAdapter, rename_prefixes, register_adapter
 
 # torchmil key prefix -> milkit key prefix; the query and value maps keep their inner layout
 RENAMES = {
@@ -40,15 +40,7 @@ class DSMILAdapter(TorchmilAdapter):
         )
 
     def convert_state_dict(self, state, config):
-        out = {}
-        for key, value in state.items():
-            for old, new in RENAMES.items():
-                if key.startswith(old):
-                    out[new + key[len(old):]] = value
-                    break
-            else:
-                raise KeyError(f"unexpected torchmil DSMIL key {key}")
-        return out
+        return rename_prefixes(state, RENAMES, "DSMIL")
 
     def reference_outputs(self, reference, X, mask):
         if mask is None:

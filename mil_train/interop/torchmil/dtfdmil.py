@@ -21,7 +21,7 @@ import types
 import numpy as np
 import torch
 
-from mil_train.interop.torchmil import TorchmilAdapter, register_adapter, strip_lazy
+from mil_train.interop.torchmil import TorchmilAdapter, rename_prefixes, register_adapter, strip_lazy
 
 RENAMES = {
     "attention_pool.fc1.": "tier1.pool.V.0.",
@@ -108,15 +108,7 @@ class DTFDMILAdapter(TorchmilAdapter):
         )
 
     def convert_state_dict(self, state, config):
-        out = {}
-        for key, value in strip_lazy(state).items():
-            for old, new in RENAMES.items():
-                if key.startswith(old):
-                    out[new + key[len(old):]] = value
-                    break
-            else:
-                raise KeyError(f"unexpected torchmil DTFDMIL key {key}")
-        return out
+        return rename_prefixes(strip_lazy(state), RENAMES, "DTFDMIL")
 
     def reference_outputs(self, reference, X, mask):
         if mask is None:
