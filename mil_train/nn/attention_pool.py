@@ -25,11 +25,15 @@ class AttentionPool(nn.Module):
         self.U = nn.Sequential(nn.Linear(in_dim, att_dim), nn.Sigmoid()) if gated else None
         self.w = nn.Linear(att_dim, 1, bias=False)
 
-    def forward(self, H: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def raw_scores(self, H: torch.Tensor) -> torch.Tensor:
+        """w^T (act(V h_i) [* sigmoid(U h_i)]) before the softmax: (batch, bag, dim) -> (batch, bag, outputs of w)."""
         gate = self.V(H)  # (batch, bag, att_dim)
         if self.U is not None:
             gate = gate * self.U(H)  # (batch, bag, att_dim)
-        scores = self.w(gate).squeeze(-1)  # (batch, bag)
+        return self.w(gate)  # (batch, bag, outputs)
+
+    def forward(self, H: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.raw_scores(H).squeeze(-1)  # (batch, bag)
         weights = masked_softmax(scores, mask)  # (batch, bag)
         if mask is not None:
             # 0 * NaN/Inf is NaN: clear padded rows so whatever the padding holds cannot reach the pool.

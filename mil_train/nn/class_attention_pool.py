@@ -28,10 +28,7 @@ class ClassAttentionPool(AttentionPool):
             self.w = nn.Linear(att_dim, n_branches, bias=False)
 
     def forward(self, H: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        gate = self.V(H)  # (batch, bag, att_dim)
-        if self.U is not None:
-            gate = gate * self.U(H)  # (batch, bag, att_dim)
-        scores = self.w(gate).transpose(1, 2)  # (batch, branches, bag)
+        scores = self.raw_scores(H).transpose(1, 2)  # (batch, branches, bag)
         branch_mask = None if mask is None else mask.unsqueeze(1)  # (batch, 1, bag)
         weights = masked_softmax(scores, branch_mask)  # (batch, branches, bag)
         if mask is not None:

@@ -55,14 +55,6 @@ def grouped_softmax(scores: torch.Tensor, membership: torch.Tensor) -> torch.Ten
     return torch.softmax(grouped, dim=-1) * membership  # (batch, G, bag)
 
 
-def attention_scores(pool: AttentionPool, H: torch.Tensor) -> torch.Tensor:
-    """The unnormalised scores of `pool` for every instance: (batch, bag, dim) -> (batch, bag)."""
-    gate = pool.V(H)  # (batch, bag, att_dim)
-    if pool.U is not None:
-        gate = gate * pool.U(H)  # (batch, bag, att_dim)
-    return pool.w(gate).squeeze(-1)  # (batch, bag)
-
-
 class PseudoBagDistiller(nn.Module):
     """Tier 1 of DTFD-MIL: per-pseudo-bag attention pooling, classification and feature distillation.
 
@@ -88,7 +80,7 @@ class PseudoBagDistiller(nn.Module):
     def forward(
         self, X: torch.Tensor, membership: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        weights = grouped_softmax(attention_scores(self.pool, X), membership)  # (batch, G, bag)
+        weights = grouped_softmax(self.pool.raw_scores(X).squeeze(-1), membership)  # (batch, G, bag)
         pooled = torch.bmm(weights, X)  # (batch, G, dim)
         nonempty = membership.any(dim=-1)  # (batch, G)
         if self.distill_mode == "afs":
