@@ -353,9 +353,10 @@ def test_trains_to_planted_positives(name):
     from mil_train.data import synthetic_bags
     from mil_train.trainer import Trainer, make_loader
 
-    train = synthetic_bags(120, feature_dim=IN_DIM, bag_size=(20, 60), seed=10)
-    val = synthetic_bags(30, feature_dim=IN_DIM, bag_size=(20, 60), seed=11)
-    test = synthetic_bags(60, feature_dim=IN_DIM, bag_size=(20, 60), seed=12)
+    # tiles on a grid, witnesses clustered: what smoothness priors (ProbSmooth's KL) are built for
+    train = synthetic_bags(120, feature_dim=IN_DIM, bag_size=(20, 60), seed=10, with_coords=True)
+    val = synthetic_bags(30, feature_dim=IN_DIM, bag_size=(20, 60), seed=11, with_coords=True)
+    test = synthetic_bags(60, feature_dim=IN_DIM, bag_size=(20, 60), seed=12, with_coords=True)
     model = build_model(name, 1, seed=0)
     trainer = Trainer(model, **training_settings(name), monitor="val_auroc", seed=0, progress=False)
     trainer.fit(make_loader(train, batch_size=4, shuffle=True), make_loader(val, batch_size=8))
