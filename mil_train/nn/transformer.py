@@ -10,8 +10,10 @@ and ends with LayerNorm(out_dim).
 
 Padding: padded rows are zeroed on the way in, attention ignores padded keys, and padded output rows
 are 0, so whatever padding holds (1e30, NaN) never reaches a real instance. Eager attention is
-`scaled_dot_product_attention` (memory-efficient kernels where available); the ONNX graph holds one
-(batch, heads, bag, bag) float32 score tensor per layer, hence `max_bag_for_attention`.
+`scaled_dot_product_attention` (memory-efficient kernels where available); the ONNX graph runs
+onnxruntime's tiled MultiHeadAttention (see `mil_train.nn.self_attention`), so neither holds a
+(batch, heads, bag, bag) tensor on CPU. `max_bag_for_attention` is the budget rule the models'
+declared `max_bag_size` follows: the size of that tensor, should a path materialise it.
 
 Defaults are those of torchmil's TransformerABMIL encoder (n_heads=8, n_layers=1, add_self=True);
 torchmil's bare TransformerEncoder defaults to n_heads=4, n_layers=4, add_self=False — pass them

@@ -126,16 +126,66 @@ def test_torchmil_encoder_turns_nan_padding_into_nan_real_rows():
         assert torch.isfinite(ours(X, mask)[mask]).all()
 
 
-def test_exported_attention_form_equals_the_eager_one():
-    """The explicit MatMul-Softmax traced by torch.export gives what scaled_dot_product_attention gives."""
+def keys_first_padded(batch: int, bag: int, n_real: int) -> torch.Tensor:
+    """(batch, bag) mask whose real instances are the last n_real: padding fills the first key blocks."""
+    return (torch.arange(bag) >= bag - n_real)[None, :].expand(batch, bag).clone()
+
+
+@pytest.mark.parametrize("fill", [0.0, 1e30, float("nan")])
+def test_fused_form_equals_the_eager_one(fill):
+    """The key-bias-column attention that the export emits, stated in eager, gives what SDPA gives."""
     attention = MultiheadSelfAttention(in_dim=12, out_dim=12, att_dim=16, n_heads=4).eval()
     randomise(attention, seed=4)
-    X, mask = padded((9, 5, 2), 12, fill=0.0, seed=4)
-    with torch.no_grad():
-        q, k, v = (attention._split_heads(t) for t in attention.qkv(X).chunk(3, dim=-1))
-        eager = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
-        explicit = attention._explicit_attention(q, k, v, mask)
-    torch.testing.assert_close(explicit, eager, atol=1e-6, rtol=1e-5)
+    features, mask = padded((9, 5, 2), 12, fill=0.0, seed=4)
+    for mask_case in (mask, keys_first_padded(3, 9, 4)):
+        X = features.masked_fill(~mask_case[..., None], fill)  # (batch, bag, in_dim)
+        with torch.no_grad():
+            real = X.masked_fill(~mask_case[..., None], 0.0)  # what forward hands the attention
+            q, k, v = attention.qkv(real).chunk(3, dim=-1)  # 3 x (batch, bag, att_dim)
+            eager = torch.nn.functional.scaled_dot_product_attention(
+                *(attention._split_heads(t) for t in (q, k, v)), attn_mask=mask_case[:, None, None, :]
+            ).transpose(1, 2).reshape(3, 9, 16)
+            fused = attention.fused_reference(q, k, v, mask_case)
+        torch.testing.assert_close(fused[mask_case], eager[mask_case], atol=1e-6, rtol=1e-5)
+
+
+def export_attention_to_onnx(attention: MultiheadSelfAttention, path) -> None:
+    """torch.export with dynamic batch/bag, then torch.onnx, as mil_export does."""
+    from torch.export import Dim
+
+    batch, bag = Dim("batch"), Dim("bag")
+    X, mask = padded((8, 5, 3), attention.qkv.in_features, fill=0.0)
+    program = torch.export.export(
+        attention, (X, mask), dynamic_shapes={"X": {0: batch, 1: bag}, "mask": {0: batch, 1: bag}}
+    )
+    torch.onnx.export(program, (X, mask), dynamo=True, optimize=False).save(str(path))
+
+
+def test_exported_attention_is_one_fused_node_and_matches_eager(tmp_path):
+    """onnxruntime's MultiHeadAttention (tiled CPU path, no mask input) = eager SDPA with the key mask.
+
+    Bag sizes 1, 2, 13, 49 and 1,500 (several of the kernel's key blocks at head_dim 64), 1e30 in padded
+    rows, and a mask whose first 1,300 keys are padding (whole key blocks with no real key).
+    """
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+
+    attention = MultiheadSelfAttention(in_dim=16, out_dim=16, att_dim=128, n_heads=2).eval()
+    randomise(attention, seed=6)
+    path = tmp_path / "attention.onnx"
+    export_attention_to_onnx(attention, path)
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert ops.count("MultiHeadAttention") == 1 and "Softmax" not in ops
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    cases = [padded((n, max(1, n // 3), 1), 16, fill=1e30, seed=n) for n in (1, 2, 13, 49, 1500)]
+    X, _ = padded((1500,) * 2, 16, fill=0.0, seed=7)
+    cases.append((X, keys_first_padded(2, 1500, 200)))
+    names = [i.name for i in session.get_inputs()]
+    for X, mask in cases:
+        (got,) = session.run(None, dict(zip(names, (X.numpy(), mask.numpy()))))
+        with torch.no_grad():
+            expected = attention(X, mask)
+        assert_rule(torch.from_numpy(got), expected, tol=1e-5)
 
 
 def test_eval_ignores_dropout_where_torchmil_does_not():
