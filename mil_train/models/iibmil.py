@@ -43,7 +43,8 @@ class IIBMIL(MILModel):
     returns); `attention` = the instance classifier's score normalised by a masked softmax over the
     bag: the logit for n_classes=1 (torchmil's instance prediction), for n_classes >= 2 the
     log-probability of the bag's predicted class. Loss terms: "cls" and "instance" (weight 1 each).
-    The decoder attends over N + 1 tokens: `max_bag_size` keeps its (4, N+1, N+1) scores within 4 GiB.
+    Full self-attention, O(N^2) time, no (heads, N, N) tensor allocated. The decoder attends over
+    N + 1 tokens: `max_bag_size` is the largest N whose (4, N+1, N+1) float32 attention would fit 4 GiB.
     """
 
     name = "IIBMIL"

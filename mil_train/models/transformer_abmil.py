@@ -32,8 +32,9 @@ class TransformerABMIL(MILModel):
         transf_add_self: add the features to every encoder layer's output.
         transf_dropout: encoder dropout (training only).
 
-    `attention` is the pooling weights. Full self-attention: one (heads, N, N) score tensor per bag in
-    the exported graph, so bags are checked up to `max_bag_size` (8 heads, 4 GiB: 11,585 instances).
+    `attention` is the pooling weights. Full self-attention, O(N^2) time (no (heads, N, N) tensor is
+    allocated: eager SDPA, exported com.microsoft MultiHeadAttention), so bags are checked up to
+    `max_bag_size`, DESIGN section 7's size whose 8 x N x N float32 attention fits 4 GiB: 11,585.
     """
 
     name = "TransformerABMIL"

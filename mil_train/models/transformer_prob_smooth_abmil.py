@@ -32,8 +32,9 @@ class TransformerProbSmoothABMIL(ProbSmoothHead):
             the encoder's width, depth, heads, feed-forward block, input skip and dropout
             (torchmil defaults 512, 1, 8, True, True, 0.0).
 
-    max_bag_size: the encoder holds one (heads, N, N) float32 score tensor per layer; the class value is
-    the largest N whose scores fit 4 GiB with the default 8 heads, and an instance states its own heads'.
+    max_bag_size: the encoder is full self-attention, O(N^2) time (no (heads, N, N) tensor allocated);
+    the class value is the largest N whose (heads, N, N) float32 attention would fit 4 GiB with the
+    default 8 heads, and an instance states its own heads'.
     """
 
     name = "TransformerProbSmoothABMIL"

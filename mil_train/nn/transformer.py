@@ -92,7 +92,9 @@ def max_bag_for_attention(n_heads: int, extra_tokens: int = 0, budget_bytes: int
     """Largest bag N whose (n_heads, N + extra_tokens, N + extra_tokens) float32 scores fit `budget_bytes`.
 
     The rule every full self-attention model's `max_bag_size` follows (one bag, one layer's score
-    tensor, 4 GiB); `extra_tokens` counts class tokens appended to the bag.
+    tensor, 4 GiB; DESIGN section 7); `extra_tokens` counts class tokens appended to the bag. No
+    forward path allocates that tensor (SDPA eager, MultiHeadAttention in ONNX): the size bounds the
+    checks, whose cost is O(N^2) time and torchmil's own O(N^2) memory.
     """
     tokens = math.isqrt(budget_bytes // (4 * n_heads))
     return tokens - extra_tokens

@@ -265,8 +265,10 @@ def test_onnx_matches_eager_large_bag(exported, name):
         check_onnx_at(exported, name, 3, LARGE_BAG)
         return
     # Full self-attention: the declared size alone, in a session without onnxruntime's memory arena
-    # (the arena keeps a run's N x N blocks and takes new ones for the next: 23 GB for IIBMIL), then
-    # a padded batch of three bags of a quarter of that size.
+    # (with the old explicit N x N graph the arena kept a run's blocks and took new ones: 23 GB for
+    # IIBMIL; the fused MultiHeadAttention graph holds none, and the three self-attention models
+    # together, eager included, peak at 1.06 GB RSS), then a padded batch of three bags of a quarter
+    # of that size.
     import onnxruntime as ort
 
     model, path, _ = exported(name, 3)
