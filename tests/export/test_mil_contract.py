@@ -1,7 +1,7 @@
-"""The ONNX contract, checked for every (model, config) whose export is supported.
+"""The ONNX contract in depth for ABMIL's variants (every registered model gets the same checks at
+its test widths in tests/models/test_registry_models.py, by being registered).
 
-To cover a new registered model, add a `pytest.param((name, config), id=...)` to CASES. Each case is
-exported once per session; onnxruntime (CPU) is compared with eager PyTorch at bag sizes 1, 2, a
+Each case is exported once per module; onnxruntime (CPU) is compared with eager PyTorch at bag sizes 1, 2, a
 prime, a square, 1000 and 50,000, alone and padded inside a batch of three bags of different lengths.
 """
 
