@@ -6,6 +6,8 @@
 Everything the model needs to know about tiles (size, microns per pixel, overlap) comes from its
 metadata. When `<out_dir>/<stem>.features.h5` was made by the same encoder file (name and sha256) on
 the same grid, it is reused and the slide is not encoded again: a second model on a slide is cheap.
+A damaged one (unreadable, truncated, NaN/Inf values) is not an error: the slide is encoded again,
+the file replaced, and the result's `warnings` (and stderr) say so.
 """
 
 from __future__ import annotations
@@ -128,14 +130,16 @@ def select_tiles(plan: GridPlan, dimensions: tuple[int, int], tissue: TissueMask
     return positions[keep], fractions[keep]
 
 
-def _reusable_features(path: Path, encoder: Any, plan: GridPlan, xy: np.ndarray) -> np.ndarray | None:
-    """Features of an existing feature file when it matches this encoder and grid exactly, else None."""
+def _reusable_features(path: Path, encoder: Any, plan: GridPlan, xy: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+    """(features, None) of an existing feature file that matches this encoder and grid exactly; (None, None)
+    when there is none or it belongs to another encoder or grid; (None, warning) when it is damaged
+    (unreadable, truncated, non-finite values): the slide is then encoded again and the file replaced."""
     if not path.is_file():
-        return None
+        return None, None
     try:
         stored = read_feature_file(path)
-    except MilkitError:
-        return None
+    except (MilkitError, OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:  # h5py on a damaged file
+        return None, f"cached features {path} are damaged ({' '.join(str(exc).split())[:200]}); re-encoding the slide"
     same = (
         stored.encoder == encoder.name
         and stored.encoder_sha256 == encoder.sha256
@@ -144,7 +148,11 @@ def _reusable_features(path: Path, encoder: Any, plan: GridPlan, xy: np.ndarray)
         and stored.coords_px is not None
         and np.array_equal(stored.coords_px, xy)
     )
-    return stored.features if same else None
+    if not same:
+        return None, None
+    if not np.isfinite(stored.features).all():  # one reduction; a good cache never holds NaN/Inf
+        return None, f"cached features {path} are damaged (NaN or Inf values); re-encoding the slide"
+    return stored.features, None
 
 
 def encode_tiles(slide_path: Path, plan: GridPlan, xy: np.ndarray, encoder: Any, *, batch_size: int,
@@ -227,7 +235,8 @@ def run_slide(
     paths = output_paths(out_dir, slide_path.stem) if out_dir is not None else {}
     features = None
     if paths and reuse_features:
-        features = _reusable_features(paths["features"], encoder, plan, xy)
+        features, damaged = _reusable_features(paths["features"], encoder, plan, xy)
+        warnings.extend([damaged] if damaged else [])
     reused = features is not None
     if features is None:
         features = encode_tiles(slide_path, plan, xy, encoder, batch_size=batch_size, workers=workers,
