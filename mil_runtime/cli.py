@@ -38,6 +38,9 @@ from mil_runtime.session import DEVICES
 
 FEATURE_SUFFIXES = (".h5", ".hdf5")
 INTERRUPTED_EXIT_CODE = 130
+# --mpp's range: mil_runtime.slide.mpp.PLAUSIBLE_MPP, the range recorded values get (a test checks they
+# agree; importing it here would load openslide for feature files too)
+PLAUSIBLE_MPP = (0.05, 20.0)
 
 
 def _exit_code_table() -> str:
@@ -233,7 +236,32 @@ def run_one(path: Path, runner: MILRunner, settings: Settings, claimed: dict[str
     return infer_input(path, runner, settings)
 
 
-@click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineUsageError(click.UsageError):
+    """A usage error shown as one line, `error: <what is wrong> (see mil-infer --help)`, exit 2."""
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {one_line(self.format_message())} (see mil-infer --help)", err=True)
+
+
+class OneLineCommand(click.Command):
+    """mil-infer's command: one-line usage errors, and output that survives a non-UTF-8 terminal."""
+
+    def main(self, *args, **kwargs):
+        for stream in (sys.stdout, sys.stderr):  # PYTHONIOENCODING=ascii: escape, never crash on a name
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(errors="backslashreplace")
+        return super().main(*args, **kwargs)
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:
+            if isinstance(exc, OneLineUsageError):
+                raise
+            raise OneLineUsageError(exc.format_message(), exc.ctx) from None
+
+
+@click.command(cls=OneLineCommand, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--model", "-m", "model_path", required=True, type=click.Path(path_type=Path),
               help="Exported milkit MIL model (.onnx).")
@@ -245,8 +273,9 @@ def run_one(path: Path, runner: MILRunner, settings: Settings, claimed: dict[str
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
 @click.option("--encoder", "encoder_path", type=click.Path(path_type=Path), default=None,
               help="Slides: tile encoder .onnx (default: the one the model names, next to the model).")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Slides: level-0 microns per pixel, overriding the slide's own.")
+@click.option("--mpp", type=click.FloatRange(*PLAUSIBLE_MPP), default=None,
+              help=f"Slides: level-0 microns per pixel, overriding the slide's own "
+                   f"({PLAUSIBLE_MPP[0]}-{PLAUSIBLE_MPP[1]}).")
 @click.option("--tissue-threshold", type=click.FloatRange(0, 1), default=None,
               help="Slides: minimum tissue fraction of a kept tile.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,

@@ -15,6 +15,10 @@ import numpy as np
 from mil_runtime.errors import InvalidInputError, NoTissueError
 
 LEVEL_TOLERANCE = 0.02  # a level 2% coarser than the target still counts as "fine enough"
+# Most candidate tiles one slide may be cut into. A 100k x 100k px scan at 0.25 um/px with 224 px tiles
+# at 0.5 um/px is about 50,000; a grid past this limit comes from a wrong --mpp or tiling and would
+# take hours and gigabytes (a 1 px tile grid), so it is refused before any tile is read.
+MAX_TILES = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,8 @@ def plan_grid(
     overlap: float = 0.0,
     source: str = "slide",
 ) -> GridPlan:
-    """Plan the grid; raise NoTissueError when the slide is smaller than one tile."""
+    """Plan the grid; raise NoTissueError when the slide is smaller than one tile and InvalidInputError
+    when it would hold more than MAX_TILES tiles."""
     if tile_px < 1 or target_mpp <= 0:
         raise InvalidInputError(f"model tiling is invalid (tile_px={tile_px}, mpp={target_mpp}); re-export it")
     if not 0.0 <= overlap < 1.0:
@@ -85,6 +90,13 @@ def plan_grid(
         raise NoTissueError(
             f"{source} is {width}x{height} px, smaller than one tile ({tile_level0}x{tile_level0} level-0 px "
             f"= {tile_px} px at {target_mpp} um/px with {slide_mpp:.4g} um/px); use a larger image or check --mpp"
+        )
+    n_tiles = ((width - tile_level0) // stride_level0 + 1) * ((height - tile_level0) // stride_level0 + 1)
+    if n_tiles > MAX_TILES:
+        raise InvalidInputError(
+            f"{source} would be cut into {n_tiles:,} tiles of {tile_level0} level-0 px ({tile_px} px at "
+            f"{target_mpp} um/px on a {slide_mpp:.4g} um/px scan), more than the {MAX_TILES:,} allowed; "
+            "check --mpp and the slide's resolution"
         )
     return GridPlan(tile_px, float(target_mpp), float(slide_mpp), tile_level0, stride_level0, level,
                     downsample, read_px)

@@ -1,7 +1,7 @@
 """Microns per pixel of a slide's level 0: the one number every physical size depends on.
 
 Order of trust: an explicit `--mpp`, then OpenSlide's `openslide.mpp-x/-y`, then the TIFF resolution
-tags. Values outside 0.05-20 um/px are refused: generic TIFFs often carry a placeholder resolution
+tags. Values outside 0.05-20 um/px are refused, an override's as well as a recorded one: generic TIFFs often carry a placeholder resolution
 (72 dpi gives 352.8 um/px), and tiling with that would silently make tiles hundreds of times too big.
 """
 
@@ -54,12 +54,14 @@ def resolve_mpp(
 ) -> tuple[float, str]:
     """Return (mpp, source), source one of "override", "openslide", "tiff-resolution".
 
-    Raises InvalidInputError for a non-positive override and MppUnknownError when nothing plausible is
-    found (the message names --mpp).
+    Raises InvalidInputError for an override outside PLAUSIBLE_MPP and MppUnknownError when nothing
+    plausible is found (the message names --mpp).
     """
     if override is not None:
-        if not (math.isfinite(override) and override > 0):
-            raise InvalidInputError(f"--mpp must be a positive number of microns per pixel, got {override}")
+        if not _is_plausible(override):
+            raise InvalidInputError(
+                f"--mpp {override:g} is outside the plausible {PLAUSIBLE_MPP[0]}-{PLAUSIBLE_MPP[1]} um/px; {_HINT}"
+            )
         return float(override), OVERRIDE
     from_openslide = _openslide_mpp(props)
     if _is_plausible(from_openslide):
