@@ -15,10 +15,15 @@ Attributes of the file root (optional, written by milkit):
 
 The model's grid coordinates are `coords_px // stride_level0`, reordered to row-major (y, x)
 (DESIGN.md section 2).
+
+Refused with InvalidInputError (exit 6): a non-numeric, non-finite or negative mpp (0 reads as
+unknown), tile sizes / strides / levels that are not whole numbers > 0 (level >= 0), complex features,
+and values that overflow float32.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +81,61 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _whole_number(attrs: dict[str, Any], key: str, path: Path, minimum: int = 1) -> int | None:
+    """Attribute `key` of `coords` as an int >= minimum; None when absent; refused when it is text,
+    fractional, non-finite or too small."""
+    value = attrs.get(key)
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or number != int(number) or number < minimum:
+        raise InvalidInputError(
+            f"{path}: the `coords` attribute {key} is {value!r}, expected a whole number >= {minimum}; "
+            "fix or drop the attribute, or re-extract the features"
+        )
+    return int(number)
+
+
+def _mpp(value: Any, path: Path) -> float | None:
+    """A recorded mpp as a positive float; None when absent or 0 (unknown); refused when it is text,
+    negative or non-finite."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or number < 0:
+        raise InvalidInputError(
+            f"{path}: the mpp attribute is {value!r}, expected a positive number of microns per pixel; "
+            "fix or drop the attribute"
+        )
+    return number or None
+
+
+def _as_float32(features: np.ndarray, path: Path) -> np.ndarray:
+    """(N, D) float32; values too large for float32 are refused instead of becoming Inf.
+
+    One reduction over the cast array; the overflowing rows are located only when it trips (NaN/Inf
+    already in the file are left to the model's check, which names their rows).
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = np.ascontiguousarray(features, dtype=np.float32)  # (N, D)
+        total = cast.sum(dtype=np.float64) if features.dtype.itemsize > 4 else 0.0  # Inf - Inf: NaN
+    if not np.isfinite(total):
+        overflow = (np.isfinite(features) & ~np.isfinite(cast)).any(axis=1)  # (N,)
+        if overflow.any():
+            rows = np.flatnonzero(overflow)
+            raise InvalidInputError(
+                f"{path}: `features` hold values beyond float32's range (+-3.4e38) in {rows.size} row(s), "
+                f"first row {int(rows[0])}; re-encode the slide or rescale the features"
+            )
+    return cast
+
+
 def _read_features(h5: h5py.File, path: Path) -> np.ndarray:
     if "features" not in h5 or not isinstance(h5["features"], h5py.Dataset):
         raise InvalidInputError(
@@ -87,9 +147,9 @@ def _read_features(h5: h5py.File, path: Path) -> np.ndarray:
         features = features[0]  # (N, D): some extractors keep a batch axis of one
     if features.ndim != 2:
         raise InvalidInputError(f"{path}: `features` has shape {features.shape}, expected (N, D)")
-    if not np.issubdtype(features.dtype, np.number):
-        raise InvalidInputError(f"{path}: `features` has dtype {features.dtype}, expected floats")
-    return np.ascontiguousarray(features, dtype=np.float32)  # (N, D)
+    if not np.issubdtype(features.dtype, np.number) or np.issubdtype(features.dtype, np.complexfloating):
+        raise InvalidInputError(f"{path}: `features` has dtype {features.dtype}, expected real floats")
+    return _as_float32(features, path)  # (N, D)
 
 
 def _read_coords(h5: h5py.File, path: Path, n: int) -> tuple[np.ndarray | None, dict[str, Any]]:
@@ -120,11 +180,14 @@ def _stride_from_coords(coords_px: np.ndarray) -> int | None:
     return min(gaps) if gaps else None
 
 
-def _tile_px_level0(attrs: dict[str, Any], coords_px: np.ndarray | None) -> int | None:
-    if attrs.get("patch_size_level0"):
-        return int(attrs["patch_size_level0"])
-    if attrs.get("patch_size") and int(attrs.get("patch_level", 0) or 0) == 0:
-        return int(attrs["patch_size"])
+def _tile_px_level0(attrs: dict[str, Any], coords_px: np.ndarray | None, path: Path) -> int | None:
+    size_level0 = _whole_number(attrs, "patch_size_level0", path)
+    patch_size = _whole_number(attrs, "patch_size", path)
+    level = _whole_number(attrs, "patch_level", path, minimum=0)
+    if size_level0:
+        return size_level0
+    if patch_size and not level:
+        return patch_size
     if coords_px is not None:  # read at a coarser level without the level-0 size: infer from the grid
         return _stride_from_coords(coords_px)
     return None
@@ -152,9 +215,9 @@ def read_feature_file(path: str | os.PathLike) -> FeatureFile:
     return FeatureFile(
         features=features,
         coords_px=coords_px,
-        tile_px_level0=_tile_px_level0(coord_attrs, coords_px),
-        stride_level0=int(coord_attrs["stride_level0"]) if coord_attrs.get("stride_level0") else None,
-        mpp=float(mpp) if mpp else None,
+        tile_px_level0=_tile_px_level0(coord_attrs, coords_px, path),
+        stride_level0=_whole_number(coord_attrs, "stride_level0", path),
+        mpp=_mpp(mpp, path),
         encoder=root.get("encoder") or None,
         encoder_sha256=root.get("encoder_sha256") or None,
         path=path,
