@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from mil_runtime.errors import MilkitError
+from mil_runtime.errors import MilkitError, ModelFormatError
 
 
 class MilkitGroup(click.Group):
@@ -106,7 +106,14 @@ def validate_command(model_path, sizes, checkpoint, tolerance, seed) -> None:
     if checkpoint is not None:
         model = load_checkpoint_checked(checkpoint)[0]
     else:
-        model = rebuild_model(model_path, open_session(model_path, device="cpu").metadata)
+        metadata = open_session(model_path, device="cpu").metadata
+        try:
+            model = rebuild_model(model_path, metadata)
+        except (TypeError, ValueError) as exc:  # milkit.model config of the wrong types for the model
+            raise ModelFormatError(
+                f"{model_path}: cannot rebuild {metadata.model_name} from its milkit.model config "
+                f"({' '.join(str(exc).split())[:200]}); re-export the model or pass --checkpoint"
+            ) from None
     kept, skipped = split_sizes(model, _parse_sizes(sizes))
     if skipped:
         click.echo(
@@ -133,3 +140,7 @@ def validate_command(model_path, sizes, checkpoint, tolerance, seed) -> None:
 from mil_export.encoder_cli import encoder_command  # noqa: E402
 
 main.add_command(encoder_command)
+
+
+if __name__ == "__main__":
+    main()

@@ -178,21 +178,57 @@ class ModelMetadata:
         outputs = get("outputs") if PREFIX + "outputs" in props else None  # absent: standard outputs
         if outputs is not None and not (isinstance(outputs, list) and all(isinstance(o, str) for o in outputs)):
             raise ModelFormatError(f"{source}: milkit.outputs must be a JSON list of output names; re-export the model")
+        # wrong JSON types are a malformed file (exit 4), not a crash further down
+        def expect(ok: bool, key: str, what: str) -> None:
+            if not ok:
+                raise ModelFormatError(f"{source}: metadata key milkit.{key} must be {what}; re-export the model")
+
+        def whole(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def number(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        expect(isinstance(model, dict) and isinstance(model.get("name", ""), str)
+               and isinstance(model.get("config", {}), dict), "model", 'a JSON object {"name": text, "config": {...}}')
+        expect(isinstance(task, dict) and (task.get("n_classes") is None or whole(task["n_classes"]))
+               and (task.get("class_names") is None or (isinstance(task["class_names"], list)
+                                                        and all(isinstance(n, str) for n in task["class_names"])))
+               and (task.get("activation") is None or isinstance(task["activation"], str)),
+               "task", 'a JSON object {"n_classes": integer, "class_names": [text, ...] or null, "activation": text}')
+        feature_dim = get("feature_dim")
+        expect(whole(feature_dim), "feature_dim", "an integer")
+        inputs = get("inputs")
+        expect(isinstance(inputs, list) and all(isinstance(name, str) for name in inputs), "inputs",
+               "a JSON list of input names")
+        graph = get("graph")
+        expect(graph is None or isinstance(graph, dict), "graph", "a JSON object or null")
+        expect(encoder is None or (isinstance(encoder, dict) and {"name", "output_dim"} <= set(encoder)
+                                   and set(encoder) <= {"name", "output_dim", "sha256"}
+                                   and isinstance(encoder["name"], str) and whole(encoder["output_dim"])
+                                   and (encoder.get("sha256") is None or isinstance(encoder["sha256"], str))),
+               "encoder", 'null or a JSON object {"name": text, "output_dim": integer, "sha256": text or null}')
+        expect(tiling is None or (isinstance(tiling, dict) and {"tile_px", "mpp"} <= set(tiling)
+                                  and set(tiling) <= {"tile_px", "mpp", "overlap"} and whole(tiling["tile_px"])
+                                  and number(tiling["mpp"]) and number(tiling.get("overlap", 0.0))),
+               "tiling", 'null or a JSON object {"tile_px": integer, "mpp": number, "overlap": number}')
+        provenance = get("provenance")
+        expect(provenance is None or isinstance(provenance, dict), "provenance", "a JSON object")
         meta = cls(
             kind=kind,
             model_name=model.get("name", ""),
             model_config=model.get("config", {}),
-            feature_dim=int(get("feature_dim")),
-            inputs=list(get("inputs")),
+            feature_dim=feature_dim,
+            inputs=list(inputs),
             outputs=outputs,
             n_classes=task.get("n_classes"),
             class_names=task.get("class_names"),
             activation=task.get("activation"),
-            graph=get("graph"),
+            graph=graph,
             encoder=EncoderRef(**encoder) if encoder else None,
             tiling=Tiling(**tiling) if tiling else None,
             version=get("version", parse_json=False),
-            provenance=get("provenance") or {},
+            provenance=provenance or {},
             schema_version=version,
         )
         meta.validate(source)
