@@ -14,13 +14,21 @@ exception; otherwise it is removed. Use:
         write_json(staged.path("slide.json"))
         write_png(staged.path("slide_heatmap.png"))
 
-Temporary names start with "." and end with ".tmp" so a crash (kill -9) leaves only hidden files.
+Temporary names are ".<final name>.<random>.tmp", so a crash (kill -9) leaves only hidden files, which
+the next run of that output stem removes under its claim (mil_runtime.claims).
+
+`StagedOutputs.commit(last=...)` renames the record of an output set last (DESIGN section 7: a set is
+complete only when its record exists and every file matches the record's sha256). Fault injection for
+tests: MILKIT_FAULT_KILL_AFTER_RENAME=k SIGKILLs the process after the k-th rename of a commit (0: all
+files staged, none renamed); MILKIT_FAULT_RENAME_DELAY_S=s sleeps before each rename.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,6 +79,40 @@ def _remove_quietly(path: Path) -> None:
         pass
 
 
+def fault_point(renamed: int) -> None:
+    """Test hook of a commit: called before the first rename (0) and after each (k); see the module doc."""
+    kill_at = os.environ.get("MILKIT_FAULT_KILL_AFTER_RENAME")
+    if kill_at is not None and kill_at.strip() == str(renamed):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _rename_delay() -> None:
+    delay = os.environ.get("MILKIT_FAULT_RENAME_DELAY_S")
+    if delay:
+        time.sleep(float(delay))
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _commit(temp: Path, path: Path) -> None:
     try:
         os.replace(temp, path)
@@ -119,11 +161,25 @@ class StagedOutputs:
             self._staged[final] = _temp_path(final)
         return self._staged[final]
 
-    def commit(self) -> None:
-        # Renames are atomic one by one; a failure between two leaves earlier ones complete, never partial.
-        for final, temp in self._staged.items():
-            _commit(temp, final)
-        self._staged.clear()
+    def commit(self, last: str | None = None) -> None:
+        """Rename every staged file into place; `last` (a name given to `path`, the set's record) goes last.
+
+        Each temporary is fsynced first, so after a power cut a renamed file is a whole file. A kill
+        between two renames leaves a set without its (new) record, which readers see as incomplete.
+        """
+        order = sorted(self._staged, key=lambda final: final.name == last)
+        try:
+            for temp in self._staged.values():
+                _fsync_file(temp)
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise OutputError(f"cannot write to {self.folder}: {reason}; choose another --out") from None
+        fault_point(0)
+        for count, final in enumerate(order, start=1):
+            _rename_delay()
+            _commit(self._staged.pop(final), final)
+            fault_point(count)
+        _fsync_dir(self.folder)
 
     def discard(self) -> None:
         for temp in self._staged.values():
@@ -132,8 +188,11 @@ class StagedOutputs:
 
 
 @contextmanager
-def atomic_output_dir(folder: str | os.PathLike) -> Iterator[StagedOutputs]:
-    """Stage several output files in `folder` (created if needed); all appear on success, none on failure."""
+def atomic_output_dir(folder: str | os.PathLike, last: str | None = None) -> Iterator[StagedOutputs]:
+    """Stage several output files in `folder` (created if needed); all appear on success, none on failure.
+
+    `last`: the name renamed after all others (an output set's record).
+    """
     staged = StagedOutputs(ensure_writable_dir(folder))
     try:
         yield staged
@@ -141,7 +200,7 @@ def atomic_output_dir(folder: str | os.PathLike) -> Iterator[StagedOutputs]:
         staged.discard()
         raise
     try:
-        staged.commit()
+        staged.commit(last=last)
     except BaseException:
         staged.discard()
         raise

@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -28,16 +29,35 @@ from tqdm import tqdm
 
 from mil_runtime import errors as errors_module
 from mil_runtime._version import __version__
-from mil_runtime.atomic import atomic_write, ensure_writable_dir
+from mil_runtime.atomic import ensure_writable_dir
+from mil_runtime.claims import claim_stem, clean_stale_temps
 from mil_runtime.errors import ContractMismatchError, InputNotFoundError, MilkitError, OutputError
 from mil_runtime.features_io import FeatureFile, read_feature_file
 from mil_runtime.model import MILRunner, load_model
 from mil_runtime.outputs.result import encoder_identity, result_document
-from mil_runtime.outputs.writer import to_jsonable
+from mil_runtime.outputs.record import read_output_set
+from mil_runtime.outputs.writer import to_jsonable, write_result_set
 from mil_runtime.session import DEVICES
 
 FEATURE_SUFFIXES = (".h5", ".hdf5")
 INTERRUPTED_EXIT_CODE = 130
+TERMINATED_EXIT_CODE = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: staged temporaries removed, claims released, one line, exit 143."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def _interrupted(exc: KeyboardInterrupt) -> None:
+    if isinstance(exc, Terminated):
+        tqdm.write("error: terminated (SIGTERM); no partial outputs were left", file=sys.stderr)
+        sys.exit(TERMINATED_EXIT_CODE)
+    tqdm.write("error: interrupted", file=sys.stderr)
+    sys.exit(INTERRUPTED_EXIT_CODE)
 # --mpp's range: mil_runtime.slide.mpp.PLAUSIBLE_MPP, the range recorded values get (a test checks they
 # agree; importing it here would load openslide for feature files too)
 PLAUSIBLE_MPP = (0.05, 20.0)
@@ -51,6 +71,7 @@ def _exit_code_table() -> str:
         if len(cells) == 3 and cells[0].isdigit():
             rows.append(f"  {cells[0]:>3}  {cells[2]}")
     rows.append(f"  {INTERRUPTED_EXIT_CODE:>3}  interrupted (Ctrl-C)")
+    rows.append(f"  {TERMINATED_EXIT_CODE:>3}  terminated (SIGTERM)")
     return "\n".join(rows)
 
 
@@ -146,9 +167,7 @@ def infer_features(path: Path, runner: MILRunner, settings: Settings) -> Outcome
         warnings=warnings,
     )
     if settings.out is not None:
-        with atomic_write(settings.out / result_name(path)) as handle:
-            json.dump(to_jsonable(result), handle, indent=1)
-            handle.write("\n")
+        write_result_set(settings.out, path.stem, result)
     return Outcome(result, prediction.predicted_name, prediction.probability, feature_file.n_instances,
                    "instances", warnings)
 
@@ -163,7 +182,10 @@ def infer_slide(path: Path, runner: MILRunner, settings: Settings) -> Outcome:
     slide = run_slide(path, runner, settings.encoder(runner), out_dir=settings.out, mpp=settings.mpp,
                       batch_size=settings.batch_size, workers=settings.workers, progress=not settings.quiet,
                       **options)
-    return Outcome(slide.to_dict(), slide.predicted_name, slide.prediction.probability, slide.n_tiles,
+    document = slide.to_dict()
+    if settings.out is not None:  # print what the set's record says (its "output_set" included)
+        document = read_output_set(settings.out, path.stem, verify_hashes=False).record or document
+    return Outcome(document, slide.predicted_name, slide.prediction.probability, slide.n_tiles,
                    "tiles", list(slide.warnings))
 
 
@@ -233,6 +255,8 @@ def run_one(path: Path, runner: MILRunner, settings: Settings, claimed: dict[str
                 f"{path}: its result {name} would overwrite the one of {claimed[name]}; rename one input"
             )
         claimed[name] = path
+        with claim_stem(settings.out, path.stem):  # <stem>.lock: a second live writer fails (exit 12)
+            return infer_input(path, runner, settings)
     return infer_input(path, runner, settings)
 
 
@@ -295,13 +319,14 @@ def main(inputs, model_path, out, as_json, device, threads, encoder_path, mpp, t
     settings = Settings(model_path=model_path, out=out, device=device, threads=threads, quiet=quiet,
                         encoder_path=encoder_path, mpp=mpp, tissue_threshold=tissue_threshold,
                         batch_size=batch_size, workers=workers)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if out is not None:
             ensure_writable_dir(out)
+            clean_stale_temps(out)  # temporaries of killed runs whose claim is gone or stale
         runner = load_model(model_path, device=device, threads=threads)
-    except KeyboardInterrupt:
-        tqdm.write("error: interrupted", file=sys.stderr)
-        sys.exit(INTERRUPTED_EXIT_CODE)
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
     except Exception as exc:
         sys.exit(report_failure(exc, None))
 
@@ -312,9 +337,8 @@ def main(inputs, model_path, out, as_json, device, threads, encoder_path, mpp, t
     for path in tqdm(inputs, unit="input", file=sys.stderr, disable=not show_progress):
         try:
             outcome = run_one(path, runner, settings, claimed)
-        except KeyboardInterrupt:
-            tqdm.write("error: interrupted", file=sys.stderr)
-            sys.exit(INTERRUPTED_EXIT_CODE)
+        except KeyboardInterrupt as exc:
+            _interrupted(exc)
         except Exception as exc:
             code = report_failure(exc, path)
             exit_code = exit_code or code

@@ -17,6 +17,7 @@ what is wrong *and* what to do.
 | 9    | MppUnknownError       | no trustworthy microns-per-pixel and no --mpp                  |
 | 10   | NoTissueError         | no tissue tile survives detection (or slide smaller than a tile)|
 | 11   | DeviceError           | --device cuda asked for, CUDA provider unavailable             |
+| 12   | OutputBusyError       | another live mil-infer is writing the same outputs (<stem>.lock)|
 """
 
 from __future__ import annotations
@@ -62,4 +63,10 @@ class NoTissueError(MilkitError):
 
 class DeviceError(MilkitError):
     exit_code = 11
+
+
+class OutputBusyError(OutputError):
+    """A live writer holds `<stem>.lock` (mil_runtime.claims): the second writer fails, it does not wait."""
+
+    exit_code = 12
 

@@ -2,7 +2,10 @@
 
 Every file is staged as a hidden temporary in the output folder and renamed only after all of them
 were written (mil_runtime.atomic), so an error half-way (disk full, a bad value) leaves no partial
-or orphan files behind.
+or orphan files behind. The writer holds the stem's claim (`<stem>.lock`, mil_runtime.claims) while it
+writes, and `<stem>.json`, the set's record, is renamed last and names every other file with its
+sha256 (mil_runtime.outputs.record): a kill between two renames leaves a set that
+`read_output_set` calls incomplete, never one that looks complete.
 
 Models with one attention map per class (`Prediction.attention_by_class`) add a heatmap per class,
 `<stem>.heatmap.<class>.png` (the class name made safe for file names, `class_file_labels`), and
@@ -12,6 +15,7 @@ Models with one attention map per class (`Prediction.attention_by_class`) add a 
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -25,10 +29,14 @@ import numpy as np
 from PIL import Image
 
 from mil_runtime.atomic import atomic_output_dir
+from mil_runtime.claims import claim_stem
+from mil_runtime.errors import OutputError
 from mil_runtime.features_io import write_feature_file
 from mil_runtime.outputs.geojson import tiles_feature_collection
 from mil_runtime.outputs.heatmap import attention_heatmap
+from mil_runtime.outputs.record import RECORD_FIELD, set_manifest
 from mil_runtime.outputs.tables import write_tiles_csv
+from mil_runtime.run_key import result_run_key
 
 SUFFIXES = {
     "result": ".json",
@@ -137,7 +145,8 @@ def write_slide_outputs(
     """
     paths = output_paths(out_dir, stem, tiles.class_names)
     kinds = [k for k in paths if k != "features" or features is not None]
-    with atomic_output_dir(out_dir) as staged:
+    with claim_stem(out_dir, stem), _output_errors(out_dir), \
+            atomic_output_dir(out_dir, last=paths["result"].name) as staged:
         temp = {kind: staged.path(paths[kind].name) for kind in kinds}
 
         def save_heatmap(kind: str, attention: np.ndarray) -> None:
@@ -157,7 +166,53 @@ def write_slide_outputs(
         if features is not None:
             write_feature_file(temp["features"], **features)
         result = result() if callable(result) else result
-        with open(temp["result"], "w", encoding="utf-8") as handle:
-            json.dump(to_jsonable(result), handle, indent=2, allow_nan=False)
-            handle.write("\n")
+        members = {paths[kind].name: temp[kind] for kind in kinds if kind != "result"}
+        if features is None and paths["features"].is_file():  # reused features stay part of the set
+            members[paths["features"].name] = paths["features"]
+            kinds.append("features")
+        write_record(temp["result"], result, members)
     return {kind: paths[kind] for kind in kinds}
+
+
+def write_record(path: Path, result: dict, members: Mapping[str, Path], run_key: str | None = None) -> None:
+    """Write the set's record to `path`: `result` plus "output_set" (run key, members' sha256).
+
+    `result` gets the "output_set" field too, so what mil-infer prints is what the record says.
+    """
+    document = dict(to_jsonable(result))
+    key = run_key if run_key is not None else result_run_key(document)
+    document[RECORD_FIELD] = result[RECORD_FIELD] = set_manifest(dict(members), key)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(document, handle, indent=2, allow_nan=False)
+        handle.write("\n")
+
+
+def write_result_set(out_dir: str | os.PathLike, stem: str, result: dict, run_key: str | None = None) -> Path:
+    """A set of one file, `<stem>.json` (the result of a feature-file input), under the stem's claim."""
+    path = output_paths(out_dir, stem)["result"]
+    with claim_stem(out_dir, stem), _output_errors(out_dir), atomic_output_dir(out_dir, last=path.name) as staged:
+        write_record(staged.path(path.name), result, {}, run_key)
+    return path
+
+
+class OutputWriteError(OutputError, OSError):
+    """An OSError while writing outputs, as the OutputError (exit 7) the CLI reports; still an OSError."""
+
+
+class _output_errors:
+    """OSError while staging outputs (disk full, quota, read-only) -> OutputError (exit 7), one line."""
+
+    def __init__(self, out_dir: str | os.PathLike) -> None:
+        self.out_dir = out_dir
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is None or not isinstance(exc, OSError) or isinstance(exc, OutputError):
+            return False
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        hint = "free some space" if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) else "check it"
+        error = OutputWriteError(f"cannot write the outputs in {self.out_dir}: {reason}; {hint} or choose another --out")
+        error.errno = exc.errno
+        raise error from None
