@@ -76,7 +76,14 @@ def _clam_labels(table: Path) -> dict[str, str]:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or not {"slide_id", "label"} <= set(reader.fieldnames):
             raise InvalidInputError(f"{table} needs the columns slide_id,label (found {reader.fieldnames})")
-        return {Path(row["slide_id"]).stem: row["label"] for row in reader}
+        labels = {}
+        for number, row in enumerate(reader, start=2):  # line 1 is the header
+            slide, label = (row.get("slide_id") or "").strip(), (row.get("label") or "").strip()
+            if not slide or not label:
+                what = f"slide {slide} has an empty label" if slide else "the slide_id cell is empty"
+                raise InvalidInputError(f"{table} line {number}: {what}; fill it in or drop the row")
+            labels[Path(slide).stem] = label
+        return labels
 
 
 def _load_clam_folder(root: Path, labels_csv: Path | None) -> tuple[list, list[str] | None]:
@@ -145,6 +152,23 @@ def bag_labels(bags: list) -> list[int]:
     return labels
 
 
+def check_finite(bags: list) -> None:
+    """Refuse NaN/Inf features (exit 6): one reduction per bag, the bad rows located only when it trips."""
+    import torch
+
+    for i, bag in enumerate(bags):
+        X = bag["X"]
+        if bool(torch.isfinite(X.sum(dtype=torch.float64))):
+            continue
+        bad = ~torch.isfinite(X.reshape(X.shape[0], -1)).all(dim=1)  # (N,)
+        rows = torch.nonzero(bad).flatten().tolist()
+        what = " and ".join(name for name, test in (("NaN", torch.isnan), ("Inf", torch.isinf)) if bool(test(X).any()))
+        raise InvalidInputError(
+            f"bag {i} (of {len(bags)}, in file order) has {what} features in {len(rows)} instance(s), first "
+            f"instance {rows[0]}; fix or drop them"
+        )
+
+
 def split(labels: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Stratified train/validation indices (plain random when a class is too small to stratify)."""
     from sklearn.model_selection import train_test_split
@@ -169,6 +193,7 @@ def train(
     lr: float = 1e-4, weight_decay: float = 0.0, batch_size: int = 1, val_fraction: float = 0.2,
     patience: int | None = None, seed: int = 0, log: Path | None = None, class_names: str | None = None,
     labels_csv: Path | None = None, device: str = "cpu", progress: bool = True, loss_weights: tuple[str, ...] = (),
+    allow_one_class: bool = False,
 ) -> dict[str, Any]:
     """What `mil-train` does; returns the best epoch's logged row."""
     from mil_train.models import create_model, list_models
@@ -176,6 +201,8 @@ def train(
 
     if model_name not in list_models():
         raise InvalidInputError(f"unknown model {model_name!r}; choose one of {', '.join(list_models())}")
+    if output.is_dir():
+        raise OutputError(f"-o {output} is a directory; give the checkpoint file to write, e.g. {output / 'model.pt'}")
     if not output.parent.is_dir():
         raise OutputError(f"the folder of {output} does not exist; create it first")
     if not 0 <= val_fraction < 1:
@@ -184,6 +211,12 @@ def train(
     weights = parse_loss_weights(loss_weights)
     bags, names_from_data = load_bags(data, labels_csv)
     labels = bag_labels(bags)
+    check_finite(bags)
+    if len(set(labels)) < 2 and not allow_one_class:
+        raise InvalidInputError(
+            f"every bag has label {labels[0]}: the data holds one class only, so there is nothing to tell apart; "
+            "check the labels, or pass --allow-one-class to train anyway"
+        )
     in_dim = int(bags[0]["X"].shape[-1])
     if kwargs.setdefault("in_dim", in_dim) != in_dim:
         raise InvalidInputError(f"--model-arg in_dim={kwargs['in_dim']} but the data has {in_dim} features per instance")
@@ -192,7 +225,12 @@ def train(
     names = class_names.split(",") if class_names else names_from_data
     n_names = 2 if kwargs["n_classes"] == 1 else kwargs["n_classes"]
     if names is not None and len(names) != n_names:
-        raise InvalidInputError(f"--class-names gives {len(names)} names but the task has {n_names} classes")
+        if class_names:
+            raise InvalidInputError(f"--class-names gives {len(names)} names but the task has {n_names} classes")
+        raise InvalidInputError(
+            f"the labels in {labels_csv} name {len(names)} classes ({', '.join(names)}) but the task has {n_names} "
+            f"(n_classes={kwargs['n_classes']}); fix the labels or --model-arg n_classes"
+        )
 
     seed_everything(seed)
     try:
@@ -241,15 +279,16 @@ def train(
 @click.option("--class-names", help="comma-separated names, in class-index order")
 @click.option("--labels", "labels_csv", type=click.Path(path_type=Path), help="slide_id,label table for a .h5 folder")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--allow-one-class", is_flag=True, help="train even when every bag has the same label (refused otherwise)")
 def main(model, data, output, model_args, loss_weights, epochs, lr, weight_decay, batch_size, val_fraction, patience,
-         seed, log, class_names, labels_csv, device) -> None:
+         seed, log, class_names, labels_csv, device, allow_one_class) -> None:
     """Train MODEL (a registered name, e.g. ABMIL) on DATA and save the best checkpoint to -o."""
     try:
         best = train(
             model, data, output, model_args=model_args, epochs=epochs, lr=lr, weight_decay=weight_decay,
             batch_size=batch_size, val_fraction=val_fraction, patience=patience, seed=seed, log=log,
             class_names=class_names, labels_csv=labels_csv, device=device, progress=sys.stderr.isatty(),
-            loss_weights=loss_weights,
+            loss_weights=loss_weights, allow_one_class=allow_one_class,
         )
     except MilkitError as exc:
         click.echo(f"mil-train: error: {exc}", err=True)

@@ -115,6 +115,34 @@ def read_clam_h5(path: str | os.PathLike, label=None) -> TensorDict:
 # -- classic MIL CSV -----------------------------------------------------------------------------
 
 
+def _cell_name(column: int) -> str:
+    return ("label", "bag id")[column] if column < 2 else f"feature (column {column + 1})"
+
+
+def _column_name(row: np.ndarray) -> str:
+    return _cell_name(int(np.flatnonzero(~np.isfinite(row))[0]))
+
+
+def _first_bad_cell(path: Path) -> str:
+    """Where a MIL CSV that np.loadtxt refused goes wrong: line, column and what is there."""
+    width = None
+    with open(path, newline="") as handle:
+        for number, line in enumerate(handle, start=1):
+            cells = line.rstrip("\r\n").split(",")
+            if not line.strip():
+                continue
+            if width is not None and len(cells) != width:
+                return f"{path} line {number}: {len(cells)} cells, the lines before have {width}; fix the line"
+            width = len(cells)
+            for column, cell in enumerate(cells):
+                try:
+                    float(cell)
+                except ValueError:
+                    what = "empty" if not cell.strip() else f"not a number ({cell.strip()[:20]!r})"
+                    return f"{path} line {number}: the {_cell_name(column)} cell is {what}; fill it in or drop the line"
+    return f"{path}: not a numeric MIL CSV (label, bag id, features; no header)"
+
+
 def read_mil_csv(path: str | os.PathLike) -> list[TensorDict]:
     """Bags from a classic MIL CSV (no header; column 0 instance label, column 1 bag id, rest features).
 
@@ -122,9 +150,22 @@ def read_mil_csv(path: str | os.PathLike) -> list[TensorDict]:
     read as 0); y_inst holds the instance labels as 0/1.
     """
     path = _existing(path)
-    table = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
+    try:
+        table = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
+    except ValueError:
+        raise ValueError(_first_bad_cell(path)) from None
     if table.shape[1] < 3:
         raise ValueError(f"{path}: {table.shape[1]} columns; expected label, bag id, then features")
+    with np.errstate(invalid="ignore"):  # one reduction; the bad line is located only when it trips
+        finite = bool(np.isfinite(table.sum()))
+    if not finite:
+        row = int(np.flatnonzero(~np.isfinite(table).all(axis=1))[0])
+        what = "NaN" if np.isnan(table[row]).any() else "Inf"
+        n_bad = int((~np.isfinite(table).all(axis=1)).sum())
+        raise ValueError(
+            f"{path} line {row + 1} (bag {table[row, 1]:g}): {what} in a {_column_name(table[row])} "
+            f"({n_bad} line(s) in all); fix or drop those lines"
+        )
     labels = (table[:, 0] > 0).astype(np.int64)  # -1/0 -> 0, 1 -> 1
     bag_ids = table[:, 1]
     _, first = np.unique(bag_ids, return_index=True)
