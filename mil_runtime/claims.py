@@ -99,7 +99,7 @@ def _create(path: Path, token: str, started: float) -> bool:
 
 def _take_over(path: Path, seen: dict[str, Any] | None) -> None:
     """Move a stale claim aside; put it back if what was moved is not the claim judged stale (a race)."""
-    aside = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.stale")
+    aside = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         os.rename(path, aside)
     except FileNotFoundError:
@@ -134,6 +134,8 @@ def temp_stem(name: str) -> str | None:
     if not match:
         return None
     final = match.group("final")
+    if final.endswith(LOCK_SUFFIX) and len(final) > len(LOCK_SUFFIX):  # a heartbeat or take-over leftover
+        return final[: -len(LOCK_SUFFIX)]
     for suffix in SET_SUFFIXES:
         if final.endswith(suffix) and len(final) > len(suffix):
             return final[: -len(suffix)]
@@ -200,7 +202,7 @@ def claim_stem(folder: str | os.PathLike, stem: str) -> Iterator[Path]:
 
     def beat() -> None:
         while not stop.wait(HEARTBEAT_S):
-            temp = path.with_name(f".{path.name}.{token[:8]}.beat")
+            temp = path.with_name(f".{path.name}.{token[:8]}.tmp")
             try:
                 temp.write_text(_claim_text(token, started), encoding="utf-8")
                 if (read_claim(path) or {}).get("token") == token:
@@ -217,6 +219,7 @@ def claim_stem(folder: str | os.PathLike, stem: str) -> Iterator[Path]:
         yield path
     finally:
         stop.set()
+        thread.join()  # a heartbeat in flight must not re-create the lock after it is removed
         with _held_lock:
             _held.pop(path, None)
         if (read_claim(path) or {}).get("token") == token:

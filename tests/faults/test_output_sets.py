@@ -280,6 +280,7 @@ def test_temporaries_are_matched_to_their_own_stem_only():
     assert temp_stem(".s.json.ab12cd34.tmp") == "s"
     assert temp_stem(".a.b.tiles.csv.x_y9.tmp") == "a.b"
     assert temp_stem(".s.heatmap.tumor_high.png.ab12cd34.tmp") == "s"
+    assert temp_stem(".s.lock.ab12cd34.tmp") == "s"  # a claim's heartbeat or take-over, killed half-way
     assert temp_stem(".notes.txt.ab12cd34.tmp") is None and temp_stem("s.json") is None
 
 
@@ -320,3 +321,14 @@ def test_a_read_only_folder_exits_7(tmp_path, slides, mounts):
     assert run.returncode == 7
     assert run.stderr.strip().splitlines() == [f"error: cannot write to {out}: Read-only file system; choose another --out"]
     assert list(out.iterdir()) == []
+
+
+def test_a_held_claim_keeps_its_heartbeat_fresh(tmp_path, monkeypatch):
+    import mil_runtime.claims as claims
+
+    monkeypatch.setattr(claims, "HEARTBEAT_S", 0.05)
+    with claim_stem(tmp_path, "s") as path:
+        first = json.loads(path.read_text())
+        _wait_for(lambda: (claims.read_claim(path) or {}).get("heartbeat", 0) > first["heartbeat"], timeout=5)
+        assert claims.read_claim(path)["started"] == first["started"]
+    assert list(tmp_path.iterdir()) == []  # no heartbeat temporaries left
