@@ -264,6 +264,7 @@ def build_metadata(
     encoder: dict | EncoderRef | None = None,
     tiling: dict | Tiling | None = None,
     provenance: dict | None = None,
+    feature_stats: dict | None = None,
 ) -> ModelMetadata:
     """The milkit metadata for `model`, validated before anything is exported."""
     n_classes = model.n_classes
@@ -295,6 +296,7 @@ def build_metadata(
         tiling=_coerce(tiling, Tiling, "tiling"),
         version=__version__,
         provenance=dict(provenance or {}),
+        feature_stats=feature_stats,
     )
     metadata.validate(source=f"{model.name} metadata")
     return metadata
@@ -323,6 +325,7 @@ def export_onnx(
     encoder: dict | EncoderRef | None = None,
     tiling: dict | Tiling | None = None,
     provenance: dict | None = None,
+    feature_stats: dict | None = None,
     opset: int | None = None,
     example_bag: int = 8,
     verbose: bool = False,
@@ -339,7 +342,8 @@ def export_onnx(
     path = Path(path)
     if not path.parent.is_dir():  # checked before the export's seconds are spent
         raise OutputError(f"output folder {path.parent} does not exist; create it or choose another -o")
-    metadata = build_metadata(model, class_names=class_names, encoder=encoder, tiling=tiling, provenance=provenance)
+    metadata = build_metadata(model, class_names=class_names, encoder=encoder, tiling=tiling, provenance=provenance,
+                              feature_stats=feature_stats)
     was_training = model.training
     model.eval()  # dropout off, deterministic inference paths on
     try:
@@ -438,7 +442,8 @@ def export_checkpoint(
     opset: int | None = None,
     verbose: bool = False,
 ) -> Path:
-    """Export a checkpoint saved by `save_checkpoint`, carrying its class names, encoder, tiling, provenance.
+    """Export a checkpoint saved by `save_checkpoint`, carrying its class names, encoder, tiling, provenance
+    and training-feature statistics (`milkit.feature_stats`, for the runtime's out-of-domain check).
 
     Arguments given here override the checkpoint's. With `encoder_onnx`, the encoder identity
     (name, output dim, sha256) is read from that exported encoder, and its tiling is the fallback.
@@ -458,6 +463,7 @@ def export_checkpoint(
         encoder=encoder,
         tiling=asdict(chosen_tiling) if isinstance(chosen_tiling, Tiling) else chosen_tiling,
         provenance=provenance,
+        feature_stats=payload.get("feature_stats"),  # absent in older checkpoints: no out-of-domain check
         opset=opset,
         verbose=verbose,
     )

@@ -31,6 +31,7 @@ from mil_runtime import errors as errors_module
 from mil_runtime._version import __version__
 from mil_runtime.atomic import ensure_writable_dir
 from mil_runtime.claims import claim_stem, clean_stale_temps
+from mil_runtime.domain import check_domain
 from mil_runtime.errors import ContractMismatchError, InputNotFoundError, MilkitError, OutputError
 from mil_runtime.features_io import FeatureFile, read_feature_file
 from mil_runtime.model import MILRunner, load_model
@@ -156,6 +157,7 @@ def infer_features(path: Path, runner: MILRunner, settings: Settings) -> Outcome
     predict_start = time.perf_counter()
     prediction = runner.predict(feature_file.features, grid, source=str(path))
     predict_s = time.perf_counter() - predict_start
+    domain = check_domain(feature_file.features, runner.metadata, warnings)  # None: the model has no stats
     result = result_document(
         input_path=path, input_type="features", runner=runner, prediction=prediction,
         encoder=encoder_identity(runner, feature_file.encoder, feature_file.encoder_sha256,
@@ -164,7 +166,7 @@ def infer_features(path: Path, runner: MILRunner, settings: Settings) -> Outcome
         mpp={"value": feature_file.mpp, "source": "feature-file"},
         tiling={"tile_px_level0": feature_file.tile_px_level0, "stride_level0": feature_file.stride_level0},
         timings={"read": read_s, "predict": predict_s, "total": time.perf_counter() - start},
-        warnings=warnings,
+        warnings=warnings, extra={"domain": domain} if domain is not None else None,
     )
     if settings.out is not None:
         write_result_set(settings.out, path.stem, result)

@@ -25,6 +25,10 @@ JSON. Keys (all prefixed ``milkit.``):
 | tiling           | JSON {"tile_px": int, "mpp": float, "overlap": float} or null           |
 | version          | the milkit package version that wrote the file                          |
 | provenance       | JSON: free-form training provenance (dataset, epochs, metrics, date)    |
+| feature_stats    | optional JSON: the training features' statistics for the out-of-domain  |
+|                  | check (`check_feature_stats`, mil_runtime.domain); absent: no check   |
+
+Adding the optional `milkit.feature_stats` also kept schema 1: older files lack it and are not checked.
 """
 
 from __future__ import annotations
@@ -108,6 +112,7 @@ class ModelMetadata:
     version: str = ""
     provenance: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    feature_stats: dict[str, Any] | None = None  # FEATURE_STATS_FIELDS; None: no out-of-domain check
 
     def __post_init__(self) -> None:
         self.outputs = standard_outputs(self.kind) if self.outputs is None else list(self.outputs)
@@ -137,6 +142,8 @@ class ModelMetadata:
             "version": self.version,
             "provenance": json.dumps(self.provenance),
         }
+        if self.feature_stats is not None:  # optional: files without it load as before
+            values["feature_stats"] = json.dumps(self.feature_stats)
         return {PREFIX + k: v for k, v in values.items()}
 
     # -- reading -----------------------------------------------------------------------------
@@ -230,6 +237,7 @@ class ModelMetadata:
             version=get("version", parse_json=False),
             provenance=provenance or {},
             schema_version=version,
+            feature_stats=get("feature_stats") if PREFIX + "feature_stats" in props else None,
         )
         meta.validate(source)
         return meta
@@ -260,6 +268,8 @@ class ModelMetadata:
             if (EDGE_INDEX in self.inputs) != (self.graph is not None):
                 raise ModelFormatError(f"{source}: graph inputs and milkit.graph disagree")
             self._validate_mil_outputs(source)
+            if self.feature_stats is not None:
+                check_feature_stats(self.feature_stats, self.feature_dim, source)
         elif self.outputs != [ENCODER_OUTPUT]:
             raise ModelFormatError(
                 f"{source}: an encoder has the one output {ENCODER_OUTPUT!r}, milkit.outputs lists {self.outputs}; "
@@ -301,6 +311,36 @@ class ModelMetadata:
                 "encode the slide with the encoder the model was trained on"
                 + (f" ({self.encoder.name})" if self.encoder else "")
             )
+
+
+# milkit.feature_stats: per-feature mean and std of the training tiles, and the out-of-domain threshold on
+# the per-tile distance `distance` (mean over features of ((x - mean) / std)^2; std floored, see
+# mil_runtime.domain) at quantile `quantile` of the training tiles' distances.
+FEATURE_STATS_VERSION = 1
+FEATURE_STATS_FIELDS = ("version", "distance", "mean", "std", "threshold", "quantile", "n_tiles", "n_bags")
+FEATURE_STATS_DISTANCE = "mean_squared_z"
+
+
+def check_feature_stats(stats: Any, feature_dim: int, source: str = "model") -> None:
+    """Refuse a malformed milkit.feature_stats (ModelFormatError) rather than score slides with it."""
+    fix = "; re-export the model (or drop the key)"
+    if not isinstance(stats, dict) or any(key not in stats for key in FEATURE_STATS_FIELDS):
+        raise ModelFormatError(f"{source}: milkit.feature_stats must be a JSON object with {list(FEATURE_STATS_FIELDS)}{fix}")
+    if stats["version"] != FEATURE_STATS_VERSION or stats["distance"] != FEATURE_STATS_DISTANCE:
+        raise ModelFormatError(
+            f"{source}: milkit.feature_stats is version {stats['version']!r} / distance {stats['distance']!r}, this "
+            f"milkit reads version {FEATURE_STATS_VERSION} / {FEATURE_STATS_DISTANCE!r}; upgrade milkit{fix}"
+        )
+    for key in ("mean", "std"):
+        values = stats[key]
+        if not (isinstance(values, list) and len(values) == feature_dim
+                and all(isinstance(v, (int, float)) and v == v and abs(v) != float("inf") for v in values)):
+            raise ModelFormatError(f"{source}: milkit.feature_stats.{key} must be {feature_dim} finite numbers{fix}")
+    if any(v < 0 for v in stats["std"]):
+        raise ModelFormatError(f"{source}: milkit.feature_stats.std has negative values{fix}")
+    threshold = stats["threshold"]
+    if not isinstance(threshold, (int, float)) or not threshold > 0 or threshold == float("inf"):
+        raise ModelFormatError(f"{source}: milkit.feature_stats.threshold must be a positive number{fix}")
 
 
 def default_class_names(n_classes: int) -> list[str]:

@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mil_runtime.atomic import ensure_writable_dir
+from mil_runtime.domain import check_domain
 from mil_runtime.encoder import check_encoder_matches
 from mil_runtime.errors import ContractMismatchError, InvalidInputError, MilkitError, NoTissueError
 from mil_runtime.features_io import read_feature_file
@@ -59,6 +60,7 @@ class SlideResult:
     encoder: dict[str, Any]  # identity of the encoder that made the features (outputs.result)
     tissue_threshold: float
     outputs: dict[str, Path] = field(default_factory=dict)
+    domain: dict[str, Any] | None = None  # out-of-domain score (mil_runtime.domain); None: model has no stats
 
     @property
     def n_tiles(self) -> int:
@@ -94,6 +96,7 @@ class SlideResult:
                            "slide_fraction": self.tissue.fraction},
                 "features_reused": self.features_reused,
                 "outputs": {k: str(v) for k, v in self.outputs.items()},
+                **({"domain": self.domain} if self.domain is not None else {}),
             },
         )
 
@@ -244,13 +247,14 @@ def run_slide(
     lap("read_encode")
 
     prediction = model.predict(features, coords=grid_yx, source=str(slide_path))
+    domain = check_domain(features, meta, warnings)  # warns when the features lie far from training's
     lap("aggregate")
 
     result = SlideResult(
         slide_path=slide_path, prediction=prediction, class_names=list(prediction.class_names),
         mpp=mpp_value, mpp_source=mpp_source, plan=plan, tissue=tissue, xy_level0=xy, grid_yx=grid_yx,
         tissue_fraction=fractions, features=features, features_reused=reused, timings=timings,
-        warnings=warnings, runner=model, tissue_threshold=tissue_threshold,
+        warnings=warnings, runner=model, tissue_threshold=tissue_threshold, domain=domain,
         encoder=encoder_identity(model, encoder.name, encoder.sha256, file=getattr(encoder, "path", None),
                                  output_dim=int(encoder.output_dim)),
     )

@@ -2,7 +2,9 @@
 
 Layout: {"format": "milkit-checkpoint", "format_version": 1, "model_name": str, "config": dict,
          "state_dict": dict[str, Tensor], "class_names": list[str] | None,
-         "encoder": dict | None, "tiling": dict | None, "provenance": dict}
+         "encoder": dict | None, "tiling": dict | None, "provenance": dict,
+         "feature_stats": dict | None}   (the training features' statistics, mil_train.feature_stats;
+                                          absent in older checkpoints)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def save_checkpoint(
     encoder: dict[str, Any] | None = None,
     tiling: dict[str, Any] | None = None,
     provenance: dict[str, Any] | None = None,
+    feature_stats: dict[str, Any] | None = None,
 ) -> Path:
     """Write atomically (temp file, then rename) so a crash never leaves half a checkpoint."""
     path = Path(path)
@@ -40,6 +43,7 @@ def save_checkpoint(
         "encoder": encoder,
         "tiling": tiling,
         "provenance": provenance or {},
+        "feature_stats": feature_stats,
     }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)

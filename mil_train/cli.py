@@ -196,6 +196,7 @@ def train(
     allow_one_class: bool = False,
 ) -> dict[str, Any]:
     """What `mil-train` does; returns the best epoch's logged row."""
+    from mil_train.feature_stats import compute_feature_stats
     from mil_train.models import create_model, list_models
     from mil_train.trainer import Trainer, UnknownLossTermError, make_loader, seed_everything
 
@@ -246,7 +247,7 @@ def train(
     trainer = Trainer(
         model, lr=lr, weight_decay=weight_decay, epochs=epochs, patience=patience, seed=seed, device=device,
         progress=progress, log_csv=log, checkpoint_path=output, class_names=names, provenance=provenance,
-        loss_weights=weights,
+        loss_weights=weights, feature_stats=compute_feature_stats(bags[i]["X"] for i in train_idx),
     )
     try:
         trainer.fit(

@@ -105,6 +105,8 @@ class Trainer:
         log_csv: path of a CSV log, one row per epoch, rewritten atomically each epoch.
         checkpoint_path: where the best model is saved (mil_train.checkpoint format).
         class_names, provenance: stored in the checkpoint.
+        feature_stats: the training features' statistics (mil_train.feature_stats.compute_feature_stats),
+            stored in the checkpoint; mil-export puts them in the model for the out-of-domain check.
         grad_clip: max gradient norm, or None.
     """
 
@@ -129,6 +131,7 @@ class Trainer:
         class_names: list[str] | None = None,
         provenance: dict[str, Any] | None = None,
         grad_clip: float | None = None,
+        feature_stats: dict[str, Any] | None = None,
     ) -> None:
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -149,6 +152,7 @@ class Trainer:
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
         self.class_names = class_names
         self.provenance = dict(provenance or {})
+        self.feature_stats = feature_stats
         self.grad_clip = grad_clip
         self.history: list[dict[str, float]] = []
         self.best_epoch: int | None = None
@@ -347,7 +351,8 @@ class Trainer:
             "metrics": {k: float(v) for k, v in self.history[-1].items()},
             "torch_version": str(torch.__version__),
         }
-        save_checkpoint(self.model, self.checkpoint_path, class_names=self.class_names, provenance=provenance)
+        save_checkpoint(self.model, self.checkpoint_path, class_names=self.class_names, provenance=provenance,
+                        feature_stats=self.feature_stats)
 
     def _write_log(self) -> None:
         """Rewrite the whole CSV each epoch via a temp file, so a crash never leaves a torn row."""
