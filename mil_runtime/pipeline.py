@@ -6,12 +6,14 @@
 Everything the model needs to know about tiles (size, microns per pixel, overlap) comes from its
 metadata. When `<out_dir>/<stem>.features.h5` was made by the same encoder file (name and sha256) on
 the same grid, it is reused and the slide is not encoded again: a second model on a slide is cheap.
-A damaged one (unreadable, truncated, NaN/Inf values) is not an error: the slide is encoded again,
+A damaged one (unreadable, truncated, NaN/Inf values, bytes that no longer match the sha256 in the
+set's record <stem>.json) is not an error: the slide is encoded again,
 the file replaced, and the result's `warnings` (and stderr) say so.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -27,8 +29,10 @@ from mil_runtime.domain import check_domain
 from mil_runtime.encoder import check_encoder_matches
 from mil_runtime.errors import ContractMismatchError, InvalidInputError, MilkitError, NoTissueError
 from mil_runtime.features_io import read_feature_file
+from mil_runtime.outputs.record import RECORD_FIELD
 from mil_runtime.outputs.result import encoder_identity, result_document
 from mil_runtime.outputs.writer import TileTable, output_paths, write_slide_outputs
+from mil_runtime.run_key import file_sha256
 from mil_runtime.slide.grid import GridPlan, plan_grid
 from mil_runtime.slide.mpp import OPENSLIDE, OVERRIDE, TIFF_RESOLUTION, resolve_mpp
 from mil_runtime.slide.open import Slide, open_slide
@@ -155,7 +159,23 @@ def _reusable_features(path: Path, encoder: Any, plan: GridPlan, xy: np.ndarray)
         return None, None
     if not np.isfinite(stored.features).all():  # one reduction; a good cache never holds NaN/Inf
         return None, f"cached features {path} are damaged (NaN or Inf values); re-encoding the slide"
+    recorded = _recorded_sha256(path)
+    if recorded is not None and file_sha256(path) != recorded:  # finite but changed bytes: bit rot, a bad copy
+        return None, (f"cached features {path} are damaged (their sha256 differs from the one "
+                      f"{path.name.removesuffix('.features.h5')}.json recorded); re-encoding the slide")
     return stored.features, None
+
+
+def _recorded_sha256(path: Path) -> str | None:
+    """The sha256 the set's record (<stem>.json, mil_runtime.outputs.record) gives the feature file at `path`;
+    None when there is no readable record or it does not list the file (older sets): nothing to compare."""
+    record = path.with_name(path.name.removesuffix(".features.h5") + ".json")
+    try:
+        files = json.loads(record.read_text())[RECORD_FIELD]["files"]
+        digest = files[path.name]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return digest if isinstance(digest, str) else None
 
 
 def encode_tiles(slide_path: Path, plan: GridPlan, xy: np.ndarray, encoder: Any, *, batch_size: int,

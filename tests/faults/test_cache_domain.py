@@ -59,6 +59,19 @@ def _garbage(path: Path) -> None:
     path.write_bytes(b"\x00not hdf5 at all\n" * 64)
 
 
+def _flipped_bits(path: Path) -> None:
+    """Bit rot inside the features' bytes: the file still reads, the values stay finite, only the sha256
+    in the set's record (<stem>.json) tells (was: silently reused)."""
+    import h5py
+
+    with h5py.File(path, "r") as h5:
+        offset, size = h5["features"].id.get_offset(), h5["features"].id.get_storage_size()
+    data = bytearray(path.read_bytes())
+    for i in range(offset, offset + size, 64):  # the low mantissa byte of every 16th float32
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     """The demo model on the vendored slide, once: its JSON and a copy of the good feature file."""
@@ -70,7 +83,8 @@ def first_run(tmp_path_factory):
     return json.loads(run.stdout), (out / f"{SLIDE.stem}.features.h5").read_bytes()
 
 
-@pytest.mark.parametrize("damage", [_nan_row, _truncate, _garbage], ids=["nan", "truncated", "not-hdf5"])
+@pytest.mark.parametrize("damage", [_nan_row, _truncate, _garbage, _flipped_bits],
+                         ids=["nan", "truncated", "not-hdf5", "flipped-bits"])
 def test_damaged_feature_cache_is_reencoded_with_a_warning(tmp_path, first_run, damage):
     from mil_runtime.features_io import read_feature_file
 
@@ -79,6 +93,7 @@ def test_damaged_feature_cache_is_reencoded_with_a_warning(tmp_path, first_run, 
     out.mkdir()
     cache = out / f"{SLIDE.stem}.features.h5"
     cache.write_bytes(good)
+    (out / f"{SLIDE.stem}.json").write_text(json.dumps(result))  # the set's record, with the cache's sha256
     damage(cache)
     for attempt in ("damaged", "repaired"):  # the rerun after the repair reuses the rewritten file quietly
         run = mil_infer(SLIDE, "--model", DEMO_MODEL, "--out", out, "--json")
