@@ -134,7 +134,8 @@ def load_bags(data: Path, labels_csv: Path | None = None) -> tuple[list, list[st
     except FileNotFoundError as exc:
         raise InputNotFoundError(str(exc)) from None
     except (ValueError, OSError) as exc:
-        raise InvalidInputError(f"cannot read {data}: {exc}") from None
+        message = str(exc)  # a reader's message that names the file already is not prefixed again
+        raise InvalidInputError(message if message.startswith(str(data)) else f"cannot read {data}: {message}") from None
     raise InvalidInputError(
         f"{data} is neither a MIL .csv, a torchmil folder (features/, labels/) nor a folder of .h5 feature files"
     )
