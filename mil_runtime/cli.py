@@ -42,6 +42,9 @@ from mil_runtime.session import DEVICES
 
 FEATURE_SUFFIXES = (".h5", ".hdf5")
 INTERRUPTED_EXIT_CODE = 130
+# --mpp's range: mil_runtime.slide.mpp.PLAUSIBLE_MPP, the range recorded values get (a test checks they
+# agree; importing it here would load openslide for feature files too)
+PLAUSIBLE_MPP = (0.05, 20.0)
 TERMINATED_EXIT_CODE = 143  # 128 + SIGTERM
 
 
@@ -59,9 +62,6 @@ def _interrupted(exc: KeyboardInterrupt) -> None:
         sys.exit(TERMINATED_EXIT_CODE)
     tqdm.write("error: interrupted", file=sys.stderr)
     sys.exit(INTERRUPTED_EXIT_CODE)
-# --mpp's range: mil_runtime.slide.mpp.PLAUSIBLE_MPP, the range recorded values get (a test checks they
-# agree; importing it here would load openslide for feature files too)
-PLAUSIBLE_MPP = (0.05, 20.0)
 
 
 def _exit_code_table() -> str:
