@@ -17,12 +17,33 @@ import click
 from mil_runtime.errors import MilkitError, ModelFormatError
 
 
+class OneLineUsageError(click.UsageError):
+    """A usage error as one line, `mil-export: error: <what> (see mil-export [COMMAND] --help)`, exit 2."""
+
+    def show(self, file=None) -> None:
+        command = "mil-export" + (f" {self.ctx.info_name}" if self.ctx is not None and self.ctx.parent else "")
+        click.echo(f"mil-export: error: {' '.join(self.format_message().split())} (see {command} --help)", err=True)
+
+
+def _one_line(exc: click.UsageError) -> OneLineUsageError:
+    return exc if isinstance(exc, OneLineUsageError) else OneLineUsageError(exc.format_message(), exc.ctx)
+
+
 class MilkitGroup(click.Group):
-    """A click group that turns a MilkitError from any subcommand into one stderr line and its exit code."""
+    """A click group that turns a MilkitError from any subcommand into one stderr line and its exit code,
+    and usage errors into one line plus the help hint."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
         except MilkitError as exc:
             click.echo(f"mil-export: error: {exc}", err=True)
             ctx.exit(exc.exit_code)

@@ -134,8 +134,9 @@ def load_bags(data: Path, labels_csv: Path | None = None) -> tuple[list, list[st
     except FileNotFoundError as exc:
         raise InputNotFoundError(str(exc)) from None
     except (ValueError, OSError) as exc:
-        message = str(exc)  # a reader's message that names the file already is not prefixed again
-        raise InvalidInputError(message if message.startswith(str(data)) else f"cannot read {data}: {message}") from None
+        message = str(exc)  # a reader's message that starts with the file's name does not repeat it
+        rest = message[len(str(data)):] if message.startswith(str(data)) else f": {message}"
+        raise InvalidInputError(f"cannot read {data}{rest}") from None
     raise InvalidInputError(
         f"{data} is neither a MIL .csv, a torchmil folder (features/, labels/) nor a folder of .h5 feature files"
     )
@@ -263,7 +264,22 @@ def train(
     return trainer.history[trainer.best_epoch - 1]
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineUsageError(click.UsageError):
+    """A usage error as one line, `mil-train: error: <what> (see mil-train --help)`, exit 2."""
+
+    def show(self, file=None) -> None:
+        click.echo(f"mil-train: error: {' '.join(self.format_message().split())} (see mil-train --help)", err=True)
+
+
+class OneLineCommand(click.Command):
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:
+            raise OneLineUsageError(exc.format_message(), exc.ctx) from None
+
+
+@click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model")
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="checkpoint to write (.pt)")

@@ -316,3 +316,14 @@ def test_the_cli_mpp_range_is_the_recorded_values_range():
     from mil_runtime.slide import mpp
 
     assert cli.PLAUSIBLE_MPP == mpp.PLAUSIBLE_MPP
+
+
+@pytest.mark.parametrize("module,args,hint", [
+    ("mil_train.cli", ["ABMIL", "bags.csv"], "(see mil-train --help)"),
+    ("mil_export.cli", ["validate"], "(see mil-export validate --help)"),
+    ("mil_export.cli", ["model", "c.pt", "-o", "m.onnx", "--tile-px", "3"], "(see mil-export model --help)"),
+    ("mil_export.cli", ["nosuch"], "(see mil-export --help)"),
+], ids=["train-missing-o", "validate-missing-model", "export-tile-px-alone", "export-unknown-command"])
+def test_train_and_export_usage_errors_are_one_line(module, args, hint):
+    line = assert_refused(run(module, *args, timeout=60), 2)
+    assert line.startswith(f"{module.split('.')[0].replace('_', '-')}: error: ") and line.endswith(hint), line
