@@ -327,3 +327,10 @@ def test_the_cli_mpp_range_is_the_recorded_values_range():
 def test_train_and_export_usage_errors_are_one_line(module, args, hint):
     line = assert_refused(run(module, *args, timeout=60), 2)
     assert line.startswith(f"{module.split('.')[0].replace('_', '-')}: error: ") and line.endswith(hint), line
+
+
+def test_the_readme_documents_the_tile_limit_and_the_mpp_range():
+    from mil_runtime.slide.grid import MAX_TILES
+
+    readme = (ROOT / "README.md").read_text()
+    assert f"{MAX_TILES:,} tiles" in readme and "0.05-20 um/px" in readme
