@@ -156,9 +156,16 @@ def read_mil_csv(path: str | os.PathLike) -> list[TensorDict]:
         raise ValueError(_first_bad_cell(path)) from None
     if table.shape[1] < 3:
         raise ValueError(f"{path}: {table.shape[1]} columns; expected label, bag id, then features")
-    with np.errstate(invalid="ignore"):  # one reduction; the bad line is located only when it trips
-        finite = bool(np.isfinite(table.sum()))
-    if not finite:
+    peak = float(np.max(np.abs(table))) if table.size else 0.0  # one reduction: NaN, Inf or too large
+    float32_max = float(np.finfo(np.float32).max)
+    too_big = np.abs(table[:, 2:]) > float32_max if peak > float32_max else None  # (N, D) located only then
+    if np.isfinite(peak) and too_big is not None and too_big.any():
+        row = int(np.flatnonzero(too_big.any(axis=1))[0])
+        raise ValueError(
+            f"{path} line {row + 1} (bag {table[row, 1]:g}): a feature beyond float32's range (+-3.4e38); "
+            "rescale the features"
+        )
+    if not np.isfinite(peak):  # the bad line is located only when the reduction tripped
         row = int(np.flatnonzero(~np.isfinite(table).all(axis=1))[0])
         what = "NaN" if np.isnan(table[row]).any() else "Inf"
         n_bad = int((~np.isfinite(table).all(axis=1)).sum())
