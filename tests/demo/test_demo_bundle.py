@@ -116,6 +116,7 @@ def test_demo_without_model_says_what_to_do(tmp_path, capsys):
     assert "python models/build_demo.py" in capsys.readouterr().err
 
 
+@pytest.mark.faults
 def test_demo_passes_on_mil_infer_failures(tmp_path, capsys):
     encoder_not_model = DEFAULT_MODEL.parent / "tiny_cnn.onnx"
     code = main(["--out", str(tmp_path), "--model", str(encoder_not_model)])

@@ -224,6 +224,7 @@ def test_full_torchvision_resnet50_state_dict_is_accepted(tmp_path):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.faults
 def test_bad_weights_are_refused(tmp_path):
     with pytest.raises(InputNotFoundError):
         build_encoder("tiny_cnn", tmp_path / "nope.pth")
@@ -258,6 +259,7 @@ def test_runner_equals_onnxruntime_directly(tiny, tiny_runner):
     np.testing.assert_array_equal(tiny_runner.encode(tiles), _onnx_direct(tiny[1], tiles))
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize(
     "tiles, message",
     [
@@ -283,6 +285,7 @@ def _mil_metadata(feature_dim=64, encoder=None):
                          n_classes=1, activation="sigmoid", encoder=encoder)
 
 
+@pytest.mark.faults
 def test_load_encoder_refuses_a_mil_model(tiny, tmp_path):
     model = onnx.load(str(tiny[1]))
     del model.metadata_props[:]
@@ -364,6 +367,7 @@ def test_cli_exports_tiny_cnn(tmp_path, tiny):
     assert runner.name == "tiny_cnn" and runner.output_dim == 64
 
 
+@pytest.mark.faults
 def test_cli_errors_are_one_line_with_exit_codes(tmp_path):
     result = CliRunner().invoke(_cli(), ["encoder", "tiny_cnn", "--weights", str(tmp_path / "no.pth"), "-o",
                                          str(tmp_path / "x.onnx")])

@@ -150,6 +150,7 @@ def test_validate_rebuilt_from_file_matches_checkpoint_model(cli_export, checkpo
         assert a.max_error <= 1e-5
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize(
     "args, code, message",
     [
@@ -200,6 +201,7 @@ def _fail_on_save(proto, path, *args, **kwargs):
     raise OSError(28, "No space left on device")
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize(
     "case, error",
     [
@@ -235,6 +237,7 @@ def test_export_checkpoint_writes_nothing_when_it_fails(tmp_path, checkpoint, cl
     assert _files(tmp_path) == before
 
 
+@pytest.mark.faults
 def test_failed_save_keeps_the_previous_file_and_no_temp(tmp_path, checkpoint, monkeypatch):
     out = tmp_path / "model.onnx"
     out.write_bytes(b"previous export")
@@ -258,6 +261,7 @@ def test_multiclass_plain_attention_and_padding(tmp_path):
     assert read_metadata(path).class_names == ["a", "b", "c", "d"]
 
 
+@pytest.mark.faults
 def test_validate_refuses_a_file_whose_weights_cannot_be_found(cli_export, tmp_path):
     """An initializer renamed (as graph optimisers do) must fail clearly, not compare random weights."""
     _, out = cli_export

@@ -115,6 +115,7 @@ def assert_one_error_line(result: subprocess.CompletedProcess, code: int, words:
     return lines[0]
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_refusal_is_one_line_with_documented_code(tmp_path, binary_model, case):
     build, error, words = REFUSALS[case]
@@ -130,6 +131,7 @@ def test_refusal_is_one_line_with_documented_code(tmp_path, binary_model, case):
     assert not out.exists() or list(out.iterdir()) == []  # nothing partial, no temporaries
 
 
+@pytest.mark.faults
 def test_unwritable_out_is_refused_before_anything_runs(tmp_path, binary_model, features_h5):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
@@ -140,6 +142,7 @@ def test_unwritable_out_is_refused_before_anything_runs(tmp_path, binary_model, 
     assert blocker.read_text() == "x"
 
 
+@pytest.mark.faults
 def test_one_bad_input_does_not_stop_the_others(tmp_path, binary_model):
     good_a = make_feature_file(tmp_path / "good_a.h5", random_features(9, seed=1))
     good_b = make_feature_file(tmp_path / "good_b.h5", random_features(3, seed=2))
@@ -226,6 +229,7 @@ def test_feature_file_without_coords_warns(tmp_path, binary_model):
     assert result.stderr.startswith("warning: ")
 
 
+@pytest.mark.faults
 def test_unexpected_error_is_one_line_unless_debug(monkeypatch, features_h5, binary_model):
     from click.testing import CliRunner
 

@@ -36,6 +36,7 @@ def test_provider_choice_table():
         _providers("gpu", [CPU_PROVIDER])
 
 
+@pytest.mark.faults
 @pytest.mark.filterwarnings("ignore:Specified provider .CUDAExecutionProvider.")
 def test_cuda_that_silently_falls_back_is_refused(binary_model, monkeypatch):
     _, path = binary_model
@@ -45,6 +46,7 @@ def test_cuda_that_silently_falls_back_is_refused(binary_model, monkeypatch):
     assert open_session(path, device="auto").device == "cpu"  # auto accepts the CPU and says so
 
 
+@pytest.mark.faults
 @pytest.mark.skipif(HAS_CUDA, reason="this onnxruntime has the CUDA provider")
 def test_cli_cuda_without_provider_exits_11_and_writes_nothing(binary_model, features_h5, tmp_path):
     _, model_path = binary_model

@@ -94,6 +94,7 @@ def test_clam_file_without_level0_size(tmp_path):
     np.testing.assert_array_equal(read.grid_coords(), [[0, 2], [1, 0], [1, 1]])
 
 
+@pytest.mark.faults
 def test_feature_file_refusals(tmp_path):
     with pytest.raises(InputNotFoundError):
         read_feature_file(tmp_path / "absent.h5")

@@ -75,6 +75,7 @@ def test_predict_batch_pads_and_matches_each_bag(multiclass_model):
         assert prediction.attention.shape == (len(bag),)
 
 
+@pytest.mark.faults
 def test_refusals_name_the_problem(binary_model):
     runner = load_model(binary_model[1])
     good = np.zeros((5, FEATURE_DIM), dtype=np.float32)
@@ -91,6 +92,7 @@ def test_refusals_name_the_problem(binary_model):
         runner.predict(good[None])
 
 
+@pytest.mark.faults
 def test_encoder_file_is_refused_as_model(tmp_path):
     """A milkit encoder passed as --model is named as such."""
     import onnx

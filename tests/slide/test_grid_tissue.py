@@ -48,6 +48,7 @@ def test_overlap_halves_the_stride():
     assert len(plan.positions((1000, 1000))) == 9 * 9
 
 
+@pytest.mark.faults
 def test_slide_smaller_than_a_tile_is_a_clear_error():
     with open_slide(shared_file("slides/tiny-16px.svs")) as slide:
         mpp, _ = resolve_mpp(slide.properties)
@@ -65,6 +66,7 @@ def test_tile_fraction_by_hand():
     np.testing.assert_allclose(fractions, [1.0, 0.5, 0.0, 0.5, 4 / 9])
 
 
+@pytest.mark.faults
 def test_blank_and_noisy_white_images_have_no_tissue():
     white = np.full((64, 64, 3), 255, dtype=np.uint8)
     assert not saturation_mask(white)[0].any()

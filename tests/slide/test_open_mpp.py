@@ -11,6 +11,7 @@ from mil_runtime.slide.mpp import resolve_mpp
 from mil_runtime.slide.open import open_slide, rgba_to_rgb
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize(
     "name, words",
     [
@@ -28,11 +29,13 @@ def test_bad_slides_raise_slide_read_error(name, words):
     assert "\n" not in message
 
 
+@pytest.mark.faults
 def test_missing_slide_is_input_not_found(tmp_path):
     with pytest.raises(InputNotFoundError, match="slide not found"):
         open_slide(tmp_path / "nope.svs")
 
 
+@pytest.mark.faults
 def test_a_folder_is_not_a_slide(tmp_path):
     with pytest.raises(SlideReadError, match="not a file"):
         open_slide(tmp_path)
@@ -51,6 +54,7 @@ def test_mpp_from_openslide_properties():
         assert resolve_mpp(slide.properties, override=0.25) == (0.25, "override")
 
 
+@pytest.mark.faults
 def test_implausible_mpp_stops_and_names_the_option():
     with open_slide(shared_file("slides/boxes-4-levels.tiff")) as slide:
         with pytest.raises(MppUnknownError) as info:
@@ -72,6 +76,7 @@ def test_mpp_from_tiff_resolution_tags(props, expected):
     assert resolve_mpp(props) == (pytest.approx(expected), "tiff-resolution")
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize(
     "props",
     [

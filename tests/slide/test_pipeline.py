@@ -118,6 +118,7 @@ def test_generated_slide_keeps_exactly_the_tiles_over_the_stain(tmp_path, model,
     np.testing.assert_array_equal(heatmap[:224 // 8, :224 // 8], pixels[:224:8, :224:8])  # background untouched
 
 
+@pytest.mark.faults
 def test_blank_slide_is_no_tissue_and_leaves_nothing(tmp_path, model, encoder):
     slide = tmp_path / "white.tiff"
     _pyramid_tiff(slide, np.full((1024, 1024, 3), 255, dtype=np.uint8))
@@ -129,6 +130,7 @@ def test_blank_slide_is_no_tissue_and_leaves_nothing(tmp_path, model, encoder):
     assert _files(out) == [] and encoder.calls == 0
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize(
     "relative, error",
     [
@@ -145,6 +147,7 @@ def test_refused_slides_leave_no_files(tmp_path, model, encoder, relative, error
     assert _files(tmp_path) == []
 
 
+@pytest.mark.faults
 def test_a_failure_while_writing_leaves_no_partial_files(tmp_path, model, encoder, monkeypatch):
     from mil_runtime.outputs import writer
 
@@ -157,6 +160,7 @@ def test_a_failure_while_writing_leaves_no_partial_files(tmp_path, model, encode
     assert _files(tmp_path) == []  # no outputs, no hidden temporaries
 
 
+@pytest.mark.faults
 def test_model_without_tiling_is_refused_before_reading(tmp_path, encoder):
     model = DarknessModel()
     model.metadata.tiling = None
@@ -165,6 +169,7 @@ def test_model_without_tiling_is_refused_before_reading(tmp_path, encoder):
     assert encoder.calls == 0
 
 
+@pytest.mark.faults
 def test_encoder_with_another_fixed_tile_size_is_refused_before_reading(tmp_path, model, encoder):
     encoder.tile_px = 256
     with pytest.raises(ContractMismatchError, match="256"):

@@ -98,6 +98,7 @@ def test_tiles_csv_rows():
                        "tissue_fraction": "1.0000", "attention": "0.75"}
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("workers", [1, 2])
 def test_reader_surfaces_read_errors_as_slide_read_error(workers, monkeypatch):
     from mil_runtime.errors import SlideReadError

@@ -39,6 +39,7 @@ def run(args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+@pytest.mark.faults
 def test_trains_on_musk1_and_checkpoint_loads_weights_only(tmp_path, musk):
     out, log = tmp_path / "abmil.pt", tmp_path / "log.csv"
     result = run([
@@ -104,6 +105,7 @@ def test_model_arg_parsing():
     assert parse_model_args(("gated=True",)) == {"gated": True}
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize(
     "args, code, message",
     [
@@ -137,6 +139,7 @@ def test_bad_input_gives_one_line_and_exit_code(tmp_path, args, code, message):
     assert not (tmp_path / "m.pt").exists()
 
 
+@pytest.mark.faults
 def test_missing_output_folder_is_an_output_error(tmp_path):
     data = torchmil_folder(tmp_path / "bags")
     result = run(["ABMIL", data, "-o", tmp_path / "nowhere" / "m.pt", "--epochs", 1])
