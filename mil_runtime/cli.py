@@ -98,6 +98,7 @@ class Settings:
     tissue_threshold: float | None = None
     batch_size: int = 64
     workers: int = 4
+    verify: bool = False
     _encoder: Any = field(default=None, repr=False)
 
     def encoder(self, runner: MILRunner) -> Any:
@@ -169,7 +170,7 @@ def infer_features(path: Path, runner: MILRunner, settings: Settings) -> Outcome
         warnings=warnings, extra={"domain": domain} if domain is not None else None,
     )
     if settings.out is not None:
-        write_result_set(settings.out, path.stem, result)
+        write_result_set(settings.out, path.stem, result, verify=settings.verify)
     return Outcome(result, prediction.predicted_name, prediction.probability, feature_file.n_instances,
                    "instances", warnings)
 
@@ -183,7 +184,7 @@ def infer_slide(path: Path, runner: MILRunner, settings: Settings) -> Outcome:
     options = {} if settings.tissue_threshold is None else {"tissue_threshold": settings.tissue_threshold}
     slide = run_slide(path, runner, settings.encoder(runner), out_dir=settings.out, mpp=settings.mpp,
                       batch_size=settings.batch_size, workers=settings.workers, progress=not settings.quiet,
-                      **options)
+                      verify=settings.verify, **options)
     document = slide.to_dict()
     if settings.out is not None:  # print what the set's record says (its "output_set" included)
         document = read_output_set(settings.out, path.stem, verify_hashes=False).record or document
@@ -309,9 +310,12 @@ class OneLineCommand(click.Command):
 @click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True,
               help="Slides: tile-reading threads.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars and no warnings on stderr.")
+@click.option("--verify", is_flag=True,
+              help="identify inputs by their sha256 instead of size and modification time, in the run key "
+                   "(slower for large slides)")
 @click.version_option(__version__, prog_name="milkit")
 def main(inputs, model_path, out, as_json, device, threads, encoder_path, mpp, tissue_threshold, batch_size,
-         workers, quiet) -> None:
+         workers, quiet, verify) -> None:
     """Predict INPUTS (slides, or CLAM/TRIDENT .h5 feature files) with an exported MIL model.
 
     INPUTS are paths or glob patterns ("slides/*.svs"); each input gets its own result.
@@ -320,7 +324,7 @@ def main(inputs, model_path, out, as_json, device, threads, encoder_path, mpp, t
     """
     settings = Settings(model_path=model_path, out=out, device=device, threads=threads, quiet=quiet,
                         encoder_path=encoder_path, mpp=mpp, tissue_threshold=tissue_threshold,
-                        batch_size=batch_size, workers=workers)
+                        batch_size=batch_size, workers=workers, verify=verify)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if out is not None:

@@ -210,6 +210,7 @@ def run_slide(
     tissue_threshold: float = TISSUE_THRESHOLD,
     progress: bool = False,
     reuse_features: bool = True,
+    verify: bool = False,
 ) -> SlideResult:
     """Predict one slide with `model` (MILRunner) on features from `encoder` (encoder runner).
 
@@ -294,7 +295,7 @@ def run_slide(
             return result.to_dict()
 
         write_slide_outputs(out_dir, slide_path.stem, finished, table, tissue.thumbnail, tissue.mask,
-                            tissue.scale, features=feature_args)
+                            tissue.scale, features=feature_args, verify=verify)
         return result
     timings["total"] = time.perf_counter() - started
     return result

@@ -135,12 +135,14 @@ def write_slide_outputs(
     mask: np.ndarray,
     scale: tuple[float, float],
     features: dict | None = None,
+    verify: bool = False,
 ) -> dict[str, Path]:
     """Write JSON, heatmap(s), tissue mask, GeoJSON, tiles CSV and (when `features` is given) the .h5.
 
     With `tiles.attention_by_class`, one more heatmap per class (see the module docstring).
     `features` holds the keyword arguments of features_io.write_feature_file except the path.
     `result` may be a callable, called after the other files are staged (so it can time them).
+    `verify`: the run key identifies the input by its sha256 (mil-infer --verify).
     Returns {kind: final path} of the files written.
     """
     paths = output_paths(out_dir, stem, tiles.class_names)
@@ -170,28 +172,30 @@ def write_slide_outputs(
         if features is None and paths["features"].is_file():  # reused features stay part of the set
             members[paths["features"].name] = paths["features"]
             kinds.append("features")
-        write_record(temp["result"], result, members)
+        write_record(temp["result"], result, members, verify=verify)
     return {kind: paths[kind] for kind in kinds}
 
 
-def write_record(path: Path, result: dict, members: Mapping[str, Path], run_key: str | None = None) -> None:
+def write_record(path: Path, result: dict, members: Mapping[str, Path], run_key: str | None = None,
+                 verify: bool = False) -> None:
     """Write the set's record to `path`: `result` plus "output_set" (run key, members' sha256).
 
     `result` gets the "output_set" field too, so what mil-infer prints is what the record says.
     """
     document = dict(to_jsonable(result))
-    key = run_key if run_key is not None else result_run_key(document)
+    key = run_key if run_key is not None else result_run_key(document, verify=verify)
     document[RECORD_FIELD] = result[RECORD_FIELD] = set_manifest(dict(members), key)
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(document, handle, indent=2, allow_nan=False)
         handle.write("\n")
 
 
-def write_result_set(out_dir: str | os.PathLike, stem: str, result: dict, run_key: str | None = None) -> Path:
+def write_result_set(out_dir: str | os.PathLike, stem: str, result: dict, run_key: str | None = None,
+                     verify: bool = False) -> Path:
     """A set of one file, `<stem>.json` (the result of a feature-file input), under the stem's claim."""
     path = output_paths(out_dir, stem)["result"]
     with claim_stem(out_dir, stem), _output_errors(out_dir), atomic_output_dir(out_dir, last=path.name) as staged:
-        write_record(staged.path(path.name), result, {}, run_key)
+        write_record(staged.path(path.name), result, {}, run_key, verify=verify)
     return path
 
 

@@ -332,3 +332,41 @@ def test_a_held_claim_keeps_its_heartbeat_fresh(tmp_path, monkeypatch):
         _wait_for(lambda: (claims.read_claim(path) or {}).get("heartbeat", 0) > first["heartbeat"], timeout=5)
         assert claims.read_claim(path)["started"] == first["started"]
     assert list(tmp_path.iterdir()) == []  # no heartbeat temporaries left
+
+
+@pytest.mark.slow
+def test_verify_keys_the_record_on_the_input_bytes_not_its_size_and_mtime(tmp_path, slides):
+    """--verify (DESIGN section 7): the run key holds the input's sha256; without it, size + mtime."""
+    import h5py
+    import numpy as np
+
+    source = tmp_path / "f.h5"
+    rng = np.random.default_rng(0)
+    with h5py.File(source, "w") as h5:
+        h5.create_dataset("features", data=rng.standard_normal((6, 64)).astype(np.float32))
+        h5.create_dataset("coords", data=np.stack([np.arange(6) * 128, np.zeros(6)], axis=1).astype(np.int64))
+
+    def keys() -> tuple[str, str]:
+        for flag, out in (((), tmp_path / "plain"), (("--verify",), tmp_path / "verified")):
+            run = mil_infer(source, out, *flag)
+            assert run.returncode == 0, run.stderr
+        return run_key_of(tmp_path / "plain", "f"), run_key_of(tmp_path / "verified", "f")
+
+    plain, verified = keys()
+    assert plain and verified and plain != verified  # another identity document
+    before = source.stat()
+    with h5py.File(source, "r+") as h5:
+        h5["features"][0, 0] += 1.0  # other bytes, same size
+    os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert source.stat().st_size == before.st_size and source.stat().st_mtime_ns == before.st_mtime_ns
+    plain_after, verified_after = keys()
+    assert plain_after == plain  # size + mtime cannot see the change
+    assert verified_after != verified  # the sha256 can
+    # slides: the flag reaches the slide pipeline's record too
+    assert run_key_of_slide(slides[0], tmp_path / "s-plain") != run_key_of_slide(slides[0], tmp_path / "s-ver", "--verify")
+
+
+def run_key_of_slide(slide: Path, out: Path, *extra) -> str | None:
+    run = mil_infer(slide, out, *extra)
+    assert run.returncode == 0, run.stderr
+    return run_key_of(out, slide.stem)
