@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from mil_train.models import CLAM_MB, CLAM_SB, create_model
 from mil_train.nn import AttentionPool, ClassAttentionPool, InstanceClustering, SmoothTop1SVM
+from bag_helpers import pad
 
 D = 12
 TOL = 1e-5  # the project's torchmil rule: |a - b| <= 1e-5 + 1e-5 |b|
@@ -24,16 +25,6 @@ TOL = 1e-5  # the project's torchmil rule: |a - b| <= 1e-5 + 1e-5 |b|
 def close(actual, expected, tol: float = TOL) -> None:
     torch.testing.assert_close(actual, expected, atol=tol, rtol=tol)
 
-
-def pad(bags: list[torch.Tensor], fill: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad by hand; padded rows hold `fill`."""
-    n_max = max(len(b) for b in bags)
-    X = torch.full((len(bags), n_max, bags[0].shape[1]), fill)  # (batch, bag, D)
-    mask = torch.zeros(len(bags), n_max, dtype=torch.bool)  # (batch, bag)
-    for i, bag in enumerate(bags):
-        X[i, : len(bag)] = bag
-        mask[i, : len(bag)] = True
-    return X, mask
 
 
 def bags_of(sizes, seed: int = 0, dim: int = D) -> list[torch.Tensor]:

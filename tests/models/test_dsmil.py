@@ -13,6 +13,7 @@ import torch
 
 from mil_train.models import DSMIL
 from mil_train.nn.max_instance import MaxInstanceAttention
+from bag_helpers import pad
 
 D = 6
 TOL = 1e-5
@@ -22,15 +23,6 @@ def assert_parity(actual: torch.Tensor, expected: torch.Tensor, what: str) -> No
     excess = (actual - expected).abs() - (TOL + TOL * expected.abs())
     assert excess.max() <= 0, f"{what}: max |a - b| = {(actual - expected).abs().max():.3e}"
 
-
-def pad(bags: list[torch.Tensor], fill: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    n_max = max(len(b) for b in bags)
-    X = torch.full((len(bags), n_max, bags[0].shape[1]), fill)  # (batch, bag, D)
-    mask = torch.zeros(len(bags), n_max, dtype=torch.bool)  # (batch, bag)
-    for i, bag in enumerate(bags):
-        X[i, : len(bag)] = bag
-        mask[i, : len(bag)] = True
-    return X, mask
 
 
 def make_model(**kwargs) -> DSMIL:

@@ -28,6 +28,7 @@ from conftest import IN_DIM, build_model
 from model_cases import small_config, training_settings
 from mil_runtime import contract
 from mil_train.models import create_model, get_model_class, list_models
+from bag_helpers import pad
 
 MODELS = list_models()
 N_CLASSES = (1, 3)
@@ -52,16 +53,6 @@ def bags_of(sizes, seed: int = 0, dim: int = IN_DIM) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(n, dim, generator=generator) for n in sizes]
 
-
-def pad(bags: list[torch.Tensor], fill: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad by hand (independent of mil_train.data.collate); padded rows hold `fill`."""
-    n_max = max(b.shape[0] for b in bags)
-    X = torch.full((len(bags), n_max, bags[0].shape[1]), fill)  # (batch, bag, D)
-    mask = torch.zeros(len(bags), n_max, dtype=torch.bool)  # (batch, bag)
-    for i, bag in enumerate(bags):
-        X[i, : len(bag)] = bag
-        mask[i, : len(bag)] = True
-    return X, mask
 
 
 def spatial_inputs(model, bags: list[torch.Tensor], n_max: int) -> dict:
