@@ -131,3 +131,30 @@ def test_refusals():
     with pytest.raises(InvalidInputError, match="whole grid units"):
         np_graphs.build_graph(np.array([[0.5, 0.0]]))
     assert set(np_graphs.GRAPH_RULES) == set(torch_graphs.GRAPH_RULES)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_unit_self_loops_is_torchmils_dataset_graph(seed):
+    """torchmil's datasets: neighbours within 1.5 grid units, D^-1/2 A D^-1/2, then self loops of weight 1."""
+    graph_utils = pytest.importorskip("torchmil.utils.graph_utils")
+
+    coords = holey_grid(seed, side=13, keep=0.7)
+    edge_index, edge_weight = assert_same(coords, rule="grid8", unit_self_loops=True)
+    ref_index, _ = graph_utils.build_adj(coords.astype(np.float64), None, dist_thr=1.5)
+    ref_weight = graph_utils.normalize_adj(ref_index, None, len(coords))
+    ref_index, ref_weight = graph_utils.add_self_loops(ref_index, ref_weight, len(coords))
+    dense = np.zeros((len(coords), len(coords)))
+    dense[ref_index[0], ref_index[1]] = ref_weight
+    ours = np.zeros_like(dense)
+    ours[edge_index[0], edge_index[1]] = edge_weight
+    np.testing.assert_allclose(ours, dense, rtol=0, atol=1e-6)
+    assert edge_index.shape[1] == ref_index.shape[1]
+    key = edge_index[0] * len(coords) + edge_index[1]
+    assert np.all(np.diff(key) > 0), "edges sorted by (source, target)"
+
+
+def test_self_loop_modes_exclude_each_other():
+    with pytest.raises(ModelFormatError, match="exclude each other"):
+        np_graphs.build_graph(grid(2, 2), self_loops=True, unit_self_loops=True)
+    with pytest.raises(ValueError, match="exclude each other"):
+        torch_graphs.build_graph(torch.from_numpy(grid(2, 2)), self_loops=True, unit_self_loops=True)
