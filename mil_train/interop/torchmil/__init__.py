@@ -10,9 +10,12 @@ only inside the adapters' `build_reference`. One module per model in this packag
 What an adapter knows, for one model:
   build_reference(config)      the torchmil model with the hyperparameters of a milkit config
   convert_state_dict(state)    torchmil state_dict keys (and layouts) -> milkit keys
-  reference_outputs(ref, X, mask)  torchmil's eval-mode outputs in milkit's terms: logits (batch, 1)
+  reference_outputs(ref, X, mask, *, edge_index, edge_weight, coords)
+                               torchmil's eval-mode outputs in milkit's terms: logits (batch, 1)
                                and attention (batch, bag) normalised like milkit's (sum 1 over real
-                               instances, 0 on padding), on torchmil's deterministic path
+                               instances, 0 on padding), on torchmil's deterministic path; graph
+                               models get milkit's edge list, which `torchmil_adjacency` turns into
+                               the sparse adjacency torchmil takes
 torchmil's heads are binary (one logit), so only n_classes=1 configs have a torchmil counterpart.
 """
 
@@ -43,9 +46,20 @@ class TorchmilAdapter:
         raise NotImplementedError
 
     def reference_outputs(
-        self, reference: torch.nn.Module, X: torch.Tensor, mask: torch.Tensor | None
+        self,
+        reference: torch.nn.Module,
+        X: torch.Tensor,
+        mask: torch.Tensor | None,
+        *,
+        edge_index: torch.Tensor | None = None,
+        edge_weight: torch.Tensor | None = None,
+        coords: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits (batch, 1), attention (batch, bag)) of `reference` in eval mode, milkit's normalisation."""
+        """(logits (batch, 1), attention (batch, bag)) of `reference` in eval mode, milkit's normalisation.
+
+        edge_index / edge_weight: milkit's graph in the flattened (batch * bag) node space; coords
+        (batch, bag, 2). Models that take neither ignore them.
+        """
         raise NotImplementedError
 
 
@@ -88,10 +102,30 @@ def from_torchmil(reference: torch.nn.Module, name: str, **config: Any) -> MILMo
     return model.eval()
 
 
-def reference_outputs(name: str, reference: torch.nn.Module, X: torch.Tensor, mask: torch.Tensor | None = None):
-    """torchmil's (logits (batch, 1), normalised attention (batch, bag)) for `reference`, eval mode."""
+def reference_outputs(name: str, reference: torch.nn.Module, X: torch.Tensor, mask: torch.Tensor | None = None,
+                      **spatial: torch.Tensor | None):
+    """torchmil's (logits (batch, 1), normalised attention (batch, bag)) for `reference`, eval mode.
+
+    spatial: edge_index, edge_weight and coords for the models that take them, as milkit passes them.
+    """
+    given = {key: value for key, value in spatial.items() if value is not None}
     with torch.no_grad():
-        return get_adapter(name).reference_outputs(reference.eval(), X, mask)
+        return get_adapter(name).reference_outputs(reference.eval(), X, mask, **given)
+
+
+def torchmil_adjacency(edge_index: torch.Tensor, edge_weight: torch.Tensor | None, batch: int, bag: int) -> torch.Tensor:
+    """milkit's edge list over the flattened (batch * bag) nodes -> torchmil's sparse COO (batch, bag, bag).
+
+    Edge (s, t) of bag b = s // bag becomes adj[b, s % bag, t % bag] = weight. Tests only: milkit
+    itself never builds a sparse tensor.
+    """
+    if edge_weight is None:
+        edge_weight = torch.ones(edge_index.shape[1])
+    source, target = edge_index[0], edge_index[1]  # (E,), (E,)
+    if bool(((source // bag) != (target // bag)).any()):
+        raise ValueError("an edge joins two bags; edges must stay inside their bag's node range")
+    indices = torch.stack([source // bag, source % bag, target % bag])  # (3, E)
+    return torch.sparse_coo_tensor(indices, edge_weight.float(), (batch, bag, bag)).coalesce()
 
 
 def masked_normalise(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
