@@ -125,20 +125,34 @@ def chain_edges(lengths: Sequence[int], bag: int) -> tuple[torch.Tensor, torch.T
 def example_inputs(model: MILModel, lengths: Sequence[int], features: torch.Tensor) -> dict[str, torch.Tensor]:
     """Contract inputs for a padded batch of bags with the given real lengths.
 
-    features: (batch, bag, D) already padded; padding rows are zeroed and masked out.
+    features: (batch, bag, D) already padded; padding rows are zeroed and masked out. Each bag lies on
+    the near-square grid of `grid_coords(n)`, which depends on its own length only, so a bag gets the
+    same coords and graph alone and padded; a graph model's edges are built from those coords by its
+    own `graph_rule`, as the runtime builds them.
     """
     batch, bag = features.shape[:2]
     mask = torch.arange(bag)[None, :] < torch.tensor(list(lengths))[:, None]  # (batch, bag)
     inputs = {contract.FEATURES: features * mask[..., None], contract.MASK: mask}
+    if not (model.uses_graph or model.uses_coords):
+        return inputs
+    coords = torch.zeros(batch, bag, 2, dtype=torch.int64)  # (batch, bag, 2), 0 on padding
+    for b, n in enumerate(lengths):
+        coords[b, :n] = grid_coords(n)
     if model.uses_graph:
-        inputs[contract.EDGE_INDEX], inputs[contract.EDGE_WEIGHT] = chain_edges(lengths, bag)
+        inputs[contract.EDGE_INDEX], inputs[contract.EDGE_WEIGHT] = example_graph(model, lengths, coords, mask)
     if model.uses_coords:
-        # each bag's grid depends on its own length only, so a bag has the same coords alone and padded
-        coords = torch.zeros(batch, bag, 2, dtype=torch.int64)  # (batch, bag, 2), 0 on padding
-        for b, n in enumerate(lengths):
-            coords[b, :n] = grid_coords(n)
         inputs[contract.COORDS] = coords
     return inputs
+
+
+def example_graph(model: MILModel, lengths: Sequence[int], coords: torch.Tensor, mask: torch.Tensor):
+    """(edge_index (2, E), edge_weight (E,)) of the model's graph rule over `coords`; a chain without a rule."""
+    rule = model.graph_rule
+    if rule is None:
+        return chain_edges(lengths, coords.shape[1])
+    from mil_train.data.graphs import batch_graph
+
+    return batch_graph(coords, mask, rule["rule"], **(rule.get("params") or {}))
 
 
 def _dynamic_shapes(names: Sequence[str]) -> dict[str, dict[int, Any]]:

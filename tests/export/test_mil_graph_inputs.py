@@ -1,6 +1,6 @@
 """The exporter's graph and coords inputs: edge_index/edge_weight on a symbolic 'edges' axis, coords.
 
-No registered model uses them yet, so a small unregistered graph model stands in (it stays out of
+A small unregistered graph model stands in for the registered ones (it stays out of
 the registry so that tests iterating over registered models never see it).
 """
 
@@ -36,7 +36,7 @@ class ToyGraphMIL(MILModel):
 
     @property
     def graph_rule(self):
-        return {"rule": "grid8", "params": {"normalise": "symmetric"}}
+        return {"rule": "grid8", "params": {"self_loops": True}}
 
     def forward(self, X, mask=None, *, edge_index=None, edge_weight=None, coords=None):
         batch, bag, _ = X.shape
@@ -68,7 +68,7 @@ def test_graph_and_coords_inputs_have_contract_axes(exported):
     assert shapes[contract.COORDS] == ["batch", "bag", 2]
     session = open_session(path, device="cpu")
     assert session.metadata.inputs == list(shapes)
-    assert session.metadata.graph == {"rule": "grid8", "params": {"normalise": "symmetric"}}
+    assert session.metadata.graph == {"rule": "grid8", "params": {"self_loops": True}}
     assert [i.shape for i in session.inference.get_inputs()][2:4] == [[2, "edges"], ["edges"]]
 
 
