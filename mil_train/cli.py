@@ -240,6 +240,7 @@ def train(
         model = create_model(model_name, **kwargs)
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"cannot build {model_name} with {kwargs}: {exc}") from None
+    bags = with_spatial_inputs(model, bags, data)
     train_idx, val_idx = split(labels, val_fraction, seed)
     provenance = {
         "data": str(data), "n_bags": len(bags), "n_train": len(train_idx), "n_val": len(val_idx),
@@ -262,6 +263,24 @@ def train(
             f"its loss terms are {', '.join(exc.terms)}"
         ) from None
     return trainer.history[trainer.best_epoch - 1]
+
+
+def with_spatial_inputs(model, bags: list, data: Path) -> list:
+    """Graph and spatial models need every bag's tile coords; graph models get their graph built once,
+    here, by the model's own rule (the rule the exported file records and the runtime rebuilds)."""
+    if not (model.uses_graph or model.uses_coords):
+        return bags
+    missing = sum(1 for bag in bags if bag.get("coords", None) is None)
+    if missing:
+        raise InvalidInputError(
+            f"{model.name} reads tile positions, but {missing} of {len(bags)} bags in {data} have no coords; "
+            "give CLAM/TRIDENT .h5 feature files (with `coords`) or a torchmil folder with coords/"
+        )
+    if not model.uses_graph or model.graph_rule is None:
+        return bags
+    from mil_train.data import with_graph
+
+    return [with_graph(bag, model.graph_rule) for bag in bags]
 
 
 class OneLineUsageError(click.UsageError):

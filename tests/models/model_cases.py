@@ -16,6 +16,7 @@ SMALL_CONFIGS: dict[str, dict[str, Any]] = {
     "DSMIL": {"att_dim": 32},
     "DTFDMIL": {"att_dim": 32},
     "IIBMIL": {"att_dim": 32, "n_heads": 4},
+    "PatchGCN": {"att_dim": 32},
     "ProbSmoothABMIL": {"att_dim": 32},
     "TransformerABMIL": {"pool_att_dim": 32, "transf_att_dim": 32, "transf_n_heads": 4},
     "TransformerProbSmoothABMIL": {"pool_att_dim": 32, "transf_att_dim": 32, "transf_n_heads": 4},
@@ -37,3 +38,23 @@ TRAINING: dict[str, dict[str, Any]] = {
 
 def training_settings(name: str) -> dict[str, Any]:
     return {"lr": 5e-4, "epochs": 30, "patience": 8, **TRAINING.get(name, {})}
+
+
+# ONNX parity sizes: one, two, a prime, a perfect square and one more; models with landmarks or windows
+# add an exact multiple of that count for their SMALL_CONFIGS widths.
+ONNX_SIZES = (1, 2, 13, 49, 50)
+ONNX_EXTRA_SIZES: dict[str, tuple[int, ...]] = {}
+
+
+def onnx_sizes(name: str) -> tuple[int, ...]:
+    return ONNX_SIZES + ONNX_EXTRA_SIZES.get(name, ())
+
+
+# torchmil parity on a large bag: 10,000 instances, except where torchmil itself needs more than this
+# machine has (DESIGN section 7: SETMIL 9.8 GB and CAMIL's dense N x N at 10,000).
+TORCHMIL_LARGE_BAG = 10_000
+TORCHMIL_LARGE_BAG_BY_MODEL: dict[str, int] = {"SETMIL": 2_500, "CAMIL": 2_500}
+
+
+def torchmil_large_bag(name: str) -> int:
+    return TORCHMIL_LARGE_BAG_BY_MODEL.get(name, TORCHMIL_LARGE_BAG)

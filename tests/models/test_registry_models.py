@@ -25,7 +25,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import IN_DIM, build_model
-from model_cases import small_config, training_settings
+from model_cases import onnx_sizes, small_config, torchmil_large_bag, training_settings
 from mil_runtime import contract
 from mil_train.models import create_model, get_model_class, list_models
 from bag_helpers import pad
@@ -36,7 +36,6 @@ NO_TORCHMIL = {"CLAM_MB": "CLAM's multi-branch model is not in torchmil"}
 TORCHMIL_TOL = 1e-5
 ONNX_TOL = 1e-4
 HUGE = 1e30  # what padded rows hold in the padding tests: it must not reach any real instance
-ONNX_SIZES = (1, 2, 13, 49)  # one, two, a prime, a perfect square
 LARGE_BAG = 20_000
 
 
@@ -167,6 +166,8 @@ def test_every_model_has_a_torchmil_counterpart_or_a_reason():
 
 
 def torchmil_parity(name: str, n: int, seed: int = 0) -> None:
+    """Both models get the same bag and, for graph and spatial models, the same grid coords and the same
+    graph built from them by the model's rule (torchmil as its sparse adjacency)."""
     from mil_train.interop.torchmil import build_reference, from_torchmil, reference_outputs
 
     if name in NO_TORCHMIL:
@@ -176,9 +177,10 @@ def torchmil_parity(name: str, n: int, seed: int = 0) -> None:
     reference = build_reference(name, **config)
     model = from_torchmil(reference, name, **config)
     X = torch.randn(1, n, IN_DIM, generator=torch.Generator().manual_seed(seed + n))  # (1, bag, D)
-    ref_logits, ref_attention = reference_outputs(name, reference, X, None)
+    spatial = spatial_inputs(model, [X[0]], n)
+    ref_logits, ref_attention = reference_outputs(name, reference, X, None, **spatial)
     with torch.no_grad():
-        out = model(X)
+        out = model(X, **spatial)
     assert_close(out.logits, ref_logits, TORCHMIL_TOL, f"{name} logits vs torchmil at {n}")
     assert_close(out.attention, ref_attention, TORCHMIL_TOL, f"{name} attention vs torchmil at {n}")
 
@@ -192,7 +194,8 @@ def test_torchmil_parity(name, n):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_torchmil_parity_large_bag(name):
-    torchmil_parity(name, 10_000)
+    """10,000 instances; SETMIL and CAMIL at the size torchmil itself fits (DESIGN section 7)."""
+    torchmil_parity(name, torchmil_large_bag(name))
 
 
 # -- ONNX -------------------------------------------------------------------------------------
@@ -244,7 +247,7 @@ def check_onnx_at(exported, name: str, n_classes: int, n: int, padding: int = 3)
 @pytest.mark.parametrize("n_classes", N_CLASSES)
 @pytest.mark.parametrize("name", MODELS)
 def test_onnx_matches_eager(exported, name, n_classes):
-    for n in ONNX_SIZES:
+    for n in onnx_sizes(name):
         check_onnx_at(exported, name, n_classes, n)
 
 
@@ -351,6 +354,11 @@ def test_trains_to_planted_positives(name):
     val = synthetic_bags(30, feature_dim=IN_DIM, bag_size=(20, 60), seed=11, with_coords=True)
     test = synthetic_bags(60, feature_dim=IN_DIM, bag_size=(20, 60), seed=12, with_coords=True)
     model = build_model(name, 1, seed=0)
+    if model.uses_graph:  # built once per bag by the model's rule, as mil-train does
+        from mil_train.data import MILDataset
+
+        train, val, test = ([MILDataset(bags, graph_rule=model.graph_rule)[i] for i in range(len(bags))]
+                            for bags in (train, val, test))
     trainer = Trainer(model, **training_settings(name), monitor="val_auroc", seed=0, progress=False)
     trainer.fit(make_loader(train, batch_size=4, shuffle=True), make_loader(val, batch_size=8))
     predicted = trainer.predict(make_loader(test, batch_size=8))
@@ -383,20 +391,84 @@ def mil_csv(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def mil_h5_folder(tmp_path_factory):
+    """CLAM/TRIDENT feature files with tile coords and their labels table: data for spatial models."""
+    from mil_runtime.features_io import write_feature_file
+    from mil_train.data import synthetic_bags
+
+    folder = tmp_path_factory.mktemp("h5")
+    tile = 256
+    rows = ["slide_id,label"]
+    for b, bag in enumerate(synthetic_bags(16, feature_dim=IN_DIM, bag_size=(5, 15), seed=3, with_coords=True)):
+        coords_px = bag["coords"].numpy()[:, ::-1] * tile  # (N, 2) level-0 (x, y)
+        write_feature_file(folder / f"slide{b}.h5", bag["X"].numpy(), coords_px, tile, mpp=0.5)
+        rows.append(f"slide{b},{int(bag['Y'])}")
+    labels = tmp_path_factory.mktemp("labels") / "labels.csv"
+    labels.write_text("\n".join(rows) + "\n")
+    return folder, labels
+
+
 @pytest.mark.parametrize("name", MODELS)
-def test_mil_train_cli_trains_and_saves_the_model(tmp_path, mil_csv, name):
+def test_mil_train_cli_trains_and_saves_the_model(tmp_path, mil_csv, mil_h5_folder, name):
     from mil_train.checkpoint import load_checkpoint
     from mil_train.cli import main
 
     args = [f"{k}={json.dumps(v)}" for k, v in small_config(name, IN_DIM, 1).items() if k not in ("in_dim", "n_classes")]
     out = tmp_path / f"{name}.pt"
-    cli_args = [name, str(mil_csv), "-o", str(out), "--epochs", "2", "--batch-size", "2"]
+    spatial = get_model_class(name).uses_graph or get_model_class(name).uses_coords
+    data = [str(mil_h5_folder[0]), "--labels", str(mil_h5_folder[1])] if spatial else [str(mil_csv)]
+    cli_args = [name, *data, "-o", str(out), "--epochs", "2", "--batch-size", "2"]
     for arg in args:
         cli_args += ["--model-arg", arg]
     result = CliRunner().invoke(main, cli_args)
     assert result.exit_code == 0, result.output
     model, payload = load_checkpoint(out)
     assert model.name == name and payload["config"]["in_dim"] == IN_DIM
+
+
+def training_feeds(model, features: np.ndarray, grid: np.ndarray) -> dict:
+    """One bag as the training side feeds it: coords in grid units and, for graph models, the graph that
+    `MILDataset(graph_rule=model.graph_rule)` and `collate` build from them."""
+    from mil_train.data import MILDataset, collate, make_bag
+
+    feeds = {contract.FEATURES: features[None], contract.MASK: np.ones((1, len(features)), bool)}
+    if not (model.uses_graph or model.uses_coords):
+        return feeds
+    bag = make_bag(features, np.float32(0), coords=grid)
+    batch = collate([MILDataset([bag], graph_rule=model.graph_rule if model.uses_graph else None)[0]])
+    if model.uses_coords:
+        feeds[contract.COORDS] = batch["coords"].numpy()
+    if model.uses_graph:
+        feeds[contract.EDGE_INDEX] = batch["edge_index"].numpy()
+        feeds[contract.EDGE_WEIGHT] = batch["edge_weight"].numpy()
+    return feeds
+
+
+@pytest.mark.parametrize("name", [m for m in MODELS if get_model_class(m).uses_graph])
+def test_runtime_builds_the_training_graph_from_the_recorded_rule(exported, name):
+    """The exported file records the model's rule; the runtime's numpy rule over padded coords gives
+    the edges and weights the training side's dataset and collate give, bag for bag."""
+    from mil_runtime.graphs import batch_graph as runtime_batch_graph
+    from mil_train.data import MILDataset, collate, make_bag
+
+    model, _, session = exported(name, 1)
+    assert session.metadata.graph == model.graph_rule
+    rng = np.random.default_rng(7)
+    bags, coords = [], []
+    for n, side in ((30, 8), (11, 5), (57, 12)):
+        cells = rng.choice(side * side, size=n, replace=False)
+        grid = np.stack([cells // side, cells % side], axis=1).astype(np.int64) + 3  # holes, offset
+        coords.append(grid)
+        bags.append(make_bag(rng.standard_normal((n, 4)).astype(np.float32), np.float32(0), coords=grid))
+    batch = collate([MILDataset(bags, graph_rule=model.graph_rule)[i] for i in range(len(bags))])
+    padded = np.zeros((3, 57, 2), dtype=np.int64)
+    for b, grid in enumerate(coords):
+        padded[b, : len(grid)] = grid
+    rule = session.metadata.graph
+    edge_index, edge_weight = runtime_batch_graph(padded, batch["mask"].numpy(), rule["rule"], **(rule.get("params") or {}))
+    np.testing.assert_array_equal(edge_index, batch["edge_index"].numpy())
+    np.testing.assert_allclose(edge_weight, batch["edge_weight"].numpy(), rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -415,7 +487,8 @@ def test_mil_infer_on_a_feature_file(tmp_path, exported, name):
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout.strip().splitlines()[-1])
     assert record["n_instances"] == n
-    eager = eager_outputs(model, {contract.FEATURES: features[None], contract.MASK: np.ones((1, n), bool)})
+    grid = np.stack([index // width, index % width], axis=1)  # (n, 2) (y, x): what the runtime derives
+    eager = eager_outputs(model, training_feeds(model, features, grid))
     probabilities = list(record["probabilities"].values())
     assert_close(probabilities, eager[contract.PROBABILITIES][0], ONNX_TOL, f"{name} mil-infer probabilities")
 
@@ -450,3 +523,14 @@ def test_mil_infer_on_a_slide(tmp_path_factory, name):
     assert (out / "slide.heatmap.png").is_file() and (out / "slide.tiles.geojson").is_file()
     per_class = sorted(p.name for p in out.glob("slide.heatmap.*.png"))
     assert per_class == ([f"slide.heatmap.{c}.png" for c in "abc"] if model.class_attention else [])
+
+
+@pytest.mark.parametrize("name", [m for m in MODELS if get_model_class(m).uses_graph or get_model_class(m).uses_coords])
+def test_mil_train_refuses_bags_without_coords_for_spatial_models(tmp_path, mil_csv, name):
+    from mil_runtime.errors import InvalidInputError
+    from mil_train.cli import main
+
+    result = CliRunner().invoke(main, [name, str(mil_csv), "-o", str(tmp_path / "m.pt"), "--epochs", "1"])
+    assert result.exit_code == InvalidInputError.exit_code, result.output
+    assert "have no coords" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "m.pt").exists()
