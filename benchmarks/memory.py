@@ -1,0 +1,163 @@
+"""Peak memory and time of each model on one large bag: onnxruntime vs eager milkit vs torchmil eager.
+
+    python benchmarks/memory.py [--models SmABMIL,TransMIL] [--sizes 10000,50000,100000]
+                                [--variants ort_session,milkit,torchmil] [--limit-gb 14]
+                                [--markdown section.md]
+
+Every registered model (default) with its default constructor arguments, in_dim=1024, n_classes=1, on
+one bag of N random 1024-d features on a near-square grid (coords, and the model's graph rule for graph
+models), N in --sizes. Weights, export and the variants are those of benchmarks/inference.py:
+  ort_session  the exported model in a bare onnxruntime session, feeds built once (never imports torch)
+  milkit       the milkit model in eager PyTorch under torch.inference_mode
+  torchmil     torchmil 1.0.2's model on its deterministic eval path (where milkit has an adapter)
+Each (model, N, variant) runs in a fresh process that sets up the variant, calls it once (warm-up),
+resets the kernel's peak-RSS mark and calls it again: the table gives that call's wall time, the
+process's peak RSS during it (libraries, weights and input included) and, in brackets, how far the
+peak rose above the RSS just before the call. The parent polls each worker's RSS every 20 ms and kills
+it above --limit-gb, so that a model that builds N x N tensors cannot take the machine down; such a
+cell reads "> limit (killed)". Models that declare `max_bag_size` skip larger sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import inference  # noqa: E402  (the shared setup: weights, export, variants, RSS helpers)
+
+DEFAULT_SIZES = (10_000, 50_000, 100_000)
+VARIANTS = ("ort_session", "milkit", "torchmil")
+LABELS = {"ort_session": "ORT session", "milkit": "milkit eager", "torchmil": "torchmil eager"}
+POLL_S = 0.02
+
+
+def worker(spec: dict) -> dict:
+    inputs = inference.bag_inputs(spec["size"], spec)
+    call = inference.SETUPS[spec["variant"]](spec, inputs)
+    call()  # warm-up: session allocations, lazy initialisation
+    before = inference.current_rss_mb()
+    was_reset = inference.reset_peak_rss()
+    start = time.perf_counter()
+    call()
+    seconds = time.perf_counter() - start
+    peak = inference.peak_rss_mb()
+    return {"seconds": seconds, "peak_mb": peak, "rise_mb": peak - before, "reset": was_reset,
+            "torch_imported": "torch" in sys.modules}
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def run_guarded(spec: dict, limit_mb: float, timeout: float) -> dict:
+    """One worker process, killed when its RSS passes `limit_mb` or it runs past `timeout`."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err, text=True)
+        start, highest = time.monotonic(), 0.0
+        while process.poll() is None:
+            highest = max(highest, _rss_mb(process.pid))
+            if highest > limit_mb:
+                process.kill()
+                process.wait()
+                return {"killed": f"> {limit_mb / 1024:.1f} GB (killed)"}
+            if time.monotonic() - start > timeout:
+                process.kill()
+                process.wait()
+                return {"killed": f"timed out after {timeout:.0f} s"}
+            time.sleep(POLL_S)
+        out.seek(0)
+        err.seek(0)
+        for line in reversed(out.read().splitlines()):
+            if line.startswith("RESULT "):
+                return json.loads(line[len("RESULT "):])
+        last = (err.read().strip().splitlines() or [f"exit code {process.returncode}"])[-1][:160]
+        return {"error": last}
+
+
+def cell(result: dict | None) -> str:
+    if result is None:
+        return "—"
+    if "killed" in result:
+        return result["killed"]
+    if "error" in result:
+        return f"failed ({result['error'][:80]})"
+    return f"{result['seconds'] * 1e3:,.0f} ms, {result['peak_mb'] / 1024:.2f} GB (+{result['rise_mb'] / 1024:.2f})"
+
+
+def markdown(rows: list[dict], variants: list[str], command: str, limit_gb: float) -> str:
+    head = "| model | N | " + " | ".join(LABELS[v] for v in variants) + " |"
+    lines = [
+        f"Machine: {inference.machine()}. Command: `{command}`. Each cell: the second call's wall time, "
+        f"peak RSS of its process (rise over the RSS before the call); workers killed above {limit_gb:g} GB.",
+        "",
+        head,
+        "|" + "---|" * (len(variants) + 2),
+    ]
+    for row in rows:
+        cells = [row["skip"].get(v) or cell(row["results"].get(v)) for v in variants]
+        lines.append(f"| {row['model']} | {row['size']:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", help="comma-separated registry names (default: every registered model)")
+    parser.add_argument("--sizes", default=",".join(str(s) for s in DEFAULT_SIZES))
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--limit-gb", type=float, default=14.0, help="kill a worker above this RSS")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
+    parser.add_argument("--markdown", type=Path, help="write the table (for docs/benchmarks.md) here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return 0
+
+    from mil_train.models import list_models
+
+    names = args.models.split(",") if args.models else list_models()
+    sizes = inference.parse_list(args.sizes, int)
+    variants = args.variants.split(",")
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as folder:
+        for name in names:
+            spec = inference.prepare_model(name, Path(folder))
+            for size in sizes:
+                row = {"model": name, "size": size, "skip": {}, "results": {}}
+                limit = spec["max_bag_size"]
+                for variant in variants:
+                    if limit is not None and size > limit:
+                        row["skip"][variant] = f"exceeds max_bag_size ({limit:,})"
+                    elif variant in spec["skip"]:
+                        row["skip"][variant] = spec["skip"][variant]
+                    else:
+                        row["results"][variant] = run_guarded({**spec, "size": size, "variant": variant},
+                                                              args.limit_gb * 1024, args.timeout)
+                    print(f"{name} {size:,} {variant}: {row['skip'].get(variant) or cell(row['results'].get(variant))}",
+                          file=sys.stderr, flush=True)
+                rows.append(row)
+    command = "python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    table = markdown(rows, variants, command.strip(), args.limit_gb)
+    print(table)
+    if args.markdown:
+        args.markdown.write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
