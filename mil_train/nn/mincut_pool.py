@@ -9,6 +9,8 @@ A the bag's adjacency and D = diag(row sums of A):
                       after the square root, torchmil's EPS)          (batch, K, K)
     min-cut loss      -tr(S^T A S) / tr(S^T D S)                      per bag
     orthogonality     || S^T S / ||S^T S||_F - I_K / sqrt(K) ||_F     per bag
+A bag without edges (tr(S^T D S) = 0) gets a min-cut loss of 0 and no gradient from it, where
+torchmil's 0 / 0 gives NaN.
 torchmil averages both losses over the batch; the functions here return them per bag (batch,).
 
 The graph is milkit's edge list in the flattened (batch * bag) node space: edge (s, t) of weight w is
@@ -104,7 +106,8 @@ def mincut_losses(S: torch.Tensor, AS: torch.Tensor, degree: torch.Tensor) -> tu
     k = S.shape[-1]
     cut = (S * AS).sum(dim=(1, 2))  # (batch,) tr(S^T A S)
     volume = (degree.unsqueeze(-1) * S * S).sum(dim=(1, 2))  # (batch,) tr(S^T D S)
-    mincut = -(cut / volume)  # (batch,)
+    has_edges = volume > 0  # (batch,) a bag without edges has no cut: loss 0 (torchmil: 0 / 0 = NaN)
+    mincut = torch.where(has_edges, -(cut / torch.where(has_edges, volume, torch.ones_like(volume))), 0.0)
     SS = torch.matmul(S.transpose(1, 2), S)  # (batch, K, K)
     identity = torch.eye(k, dtype=S.dtype, device=S.device)  # (K, K)
     SS = SS / torch.linalg.matrix_norm(SS, keepdim=True)  # (batch, K, K)
