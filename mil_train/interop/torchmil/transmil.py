@@ -7,12 +7,17 @@ Where torchmil 1.0.2 differs from milkit, and how `reference_outputs` reaches a 
 - The Newton-Schulz pseudo-inverse starts from A2^T / (max row-sum * max column-sum) with the maxima
   over the whole (batch, heads, m, m) tensor, so a bag's output depends on its batch-mates; milkit
   takes them per bag. With one bag per call (above) the two are the same.
-- torchmil's `return_att` is the class token's row of the last layer's A1 pinv(A2) A3, mean over
+- torchmil's `return_att` is the class token's row of the LAST layer's A1 pinv(A2) A3, mean over
   heads, at instances 1..N (the first copy of each; the side^2 - N repeated instances are left out).
-  It is not a softmax and can be negative; `reference_outputs` applies milkit's own
-  `normalise_attention` (clamp at 0, divide by the sum over the bag) to it, so both sides are
-  compared after the same map. torchmil has no randomness in eval mode (no dropout in its Nystrom
-  attention; MLP dropout is off in eval).
+  milkit's `attention` is the same row of the FIRST layer (before PPEG; the last one does not
+  localise, see `mil_train.models.transmil.ATTENTION_LAYER`). torchmil's forward has no way to return
+  it, so `first_layer_row` runs torchmil's own fc1 and layers[0] on the sequence torchmil's forward
+  builds (the same three lines: squaring by repeating the first side^2 - N rows, class token in
+  front) and takes row 0 of that layer's `return_att`; the logits come from torchmil's forward.
+  The row is not a softmax and can be negative: milkit's `normalise_attention` (clamp at 0, divide by
+  the sum over the bag) is applied to it, so both sides are compared after the same map. The last
+  layer's row is checked against `return_att` in tests/models/test_ppeg.py. torchmil has no
+  randomness in eval mode (no dropout in its Nystrom attention; MLP dropout is off in eval).
 - n_classes: torchmil's head is one logit; parity is for n_classes=1.
 
 State dict: fc1.*, cls_token, norm.*, classifier.* keep their names; pos_layer.* -> ppeg.*; each
@@ -20,6 +25,8 @@ layers.{i}.* through `mil_train.nn.nystrom_attention.convert_torchmil_layer_stat
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -66,16 +73,25 @@ class TransMILAdapter(TorchmilAdapter):
 
     def reference_outputs(self, reference, X, mask, *, edge_index=None, edge_weight=None, coords=None):
         batch, bag = X.shape[0], X.shape[1]
-        if mask is None and batch == 1:
-            logits, raw = reference(X, return_att=True)  # (1,), (1, bag)
-            return logits.unsqueeze(-1), normalise_attention(raw, None)
         if mask is None:
             mask = torch.ones(batch, bag, dtype=torch.bool)
         logits = torch.zeros(batch, 1)
         attention = torch.zeros(batch, bag)
-        for b in range(batch):
+        for b in range(batch):  # one bag per call: torchmil takes no mask
             n = int(mask[b].sum())
-            logit, raw = reference(X[b : b + 1, mask[b]], return_att=True)  # (1,), (1, n)
-            logits[b, 0] = logit[0]
-            attention[b, :n] = normalise_attention(raw, None)[0]
+            bag_alone = X[b : b + 1, mask[b]]  # (1, n, D)
+            logits[b, 0] = reference(bag_alone)[0]
+            attention[b, :n] = normalise_attention(first_layer_row(reference, bag_alone), None)[0]
         return logits, attention
+
+
+def first_layer_row(reference, X: torch.Tensor) -> torch.Tensor:
+    """(1, n) torchmil's class-token attention row in its first layer, at instances 1..n (mean over
+    heads): the opening of torchmil's TransMIL.forward, then layers[0] with return_att."""
+    n = X.shape[1]
+    H = reference.fc1(reference.feat_ext(X))  # (1, n, att_dim)
+    side = math.ceil(math.sqrt(n))
+    H = torch.cat([H, H[:, : side * side - n]], dim=1)  # (1, side^2, att_dim)
+    H = torch.cat([reference.cls_token.expand(1, -1, -1), H], dim=1)  # (1, 1 + side^2, att_dim)
+    _, att = reference.layers[0](H, return_att=True)  # (1, heads, 1 + side^2, 1 + side^2)
+    return att.mean(dim=1)[:, 0, 1 : n + 1]  # (1, n)
