@@ -16,7 +16,7 @@ from mil_train.models.base import MILModel, MILOutput
 from mil_train.models.registry import register_model
 from mil_train.nn import AttentionPool
 from mil_train.nn.deep_gcn import DeepGCNLayer
-from mil_train.nn.gcn_conv import GCNConv
+from mil_train.nn.gcn_conv import GCNConv, NeighbourTable, neighbour_table
 
 GRAPH_RULE = {"rule": "grid8", "params": {"unit_self_loops": True}}  # torchmil's dataset graph
 
@@ -122,10 +122,8 @@ class PatchGCN(MILModel):
         )
         return None, None
 
-    def encode(
-        self, X: torch.Tensor, mask: torch.Tensor | None, edge_index: torch.Tensor | None, edge_weight: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Per-instance features the pool reads, (batch, bag, hidden).
+    def encode(self, X: torch.Tensor, mask: torch.Tensor | None, table: NeighbourTable | None) -> torch.Tensor:
+        """Per-instance features the pool reads, (batch, bag, hidden); `table` is the graph (None: no edges).
 
         Padded rows are cleared before every convolution, so nothing from padding (1e30 included)
         reaches a real node even through an edge that touches padding. The first MLP layer is
@@ -138,7 +136,7 @@ class PatchGCN(MILModel):
         Z = nn.functional.linear(H, first.weight[:, :width], first.bias)  # (batch, bag, hidden)
         offset = width
         for layer in self.gcn_layers:
-            H = layer(H, edge_index, edge_weight)  # (batch, bag, hidden)
+            H = layer(H, table)  # (batch, bag, hidden)
             if keep is not None:
                 H = torch.where(keep, H, 0.0)  # (batch, bag, hidden)
             Z = Z + nn.functional.linear(H, first.weight[:, offset:offset + self.hidden])  # (batch, bag, hidden)
@@ -158,7 +156,10 @@ class PatchGCN(MILModel):
         coords: torch.Tensor | None = None,
     ) -> MILOutput:
         edge_index, edge_weight = self.graph(mask, edge_index, edge_weight, coords)
-        H = self.encode(X, mask, edge_index, edge_weight)  # (batch, bag, hidden)
+        table = None
+        if edge_index is not None:  # the edges sorted into neighbour slots once, for every layer
+            table = neighbour_table(edge_index, edge_weight, X.shape[0] * X.shape[1], X.dtype)
+        H = self.encode(X, mask, table)  # (batch, bag, hidden)
         pooled, attention = self.pool(H, mask)  # (batch, hidden), (batch, bag)
         logits = self.classifier(pooled)  # (batch, n_classes)
         return MILOutput(logits=logits, attention=attention)
