@@ -104,3 +104,75 @@ def test_propagate_is_the_dense_product():
     AS, degree = propagate(S, edge_index, edge_weight)
     torch.testing.assert_close(AS, dense @ S)
     torch.testing.assert_close(degree, dense.sum(-1))
+
+
+def test_bag_without_edges_has_zero_mincut_loss_and_finite_gradients():
+    """torchmil gives 0 / 0 = NaN here; milkit a loss of 0 whose gradient is finite."""
+    logits = torch.randn(2, 5, 3, requires_grad=True)
+    X = torch.randn(2, 5, 4)
+    edge_index = torch.tensor([[0, 1, 1], [1, 0, 1]])  # edges in bag 0 only
+    out = mincut_pool(X, logits, None, edge_index, torch.ones(3))
+    assert out.mincut_loss[1] == 0 and torch.isfinite(out.mincut_loss[0]) and out.mincut_loss[0] < 0
+    (out.mincut_loss.sum() + out.ortho_loss.sum()).backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+# -- GTP, the model built on the pool: variants of torchmil's GTP with its weights -----------------
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"att_dim": 16, "n_heads": 4, "n_clusters": 5},  # in_dim != att_dim: skip and out projections
+        {"att_dim": 12, "n_heads": 3, "n_clusters": 4, "use_mlp": False},
+        {"att_dim": 16, "n_heads": 2, "n_clusters": 6, "n_layers": 3},
+        {"att_dim": 12, "n_heads": 4, "n_clusters": 1},
+    ],
+)
+def test_gtp_variants_match_torchmil_in_a_padded_batch(config):
+    from mil_export.onnx_export import grid_coords
+    from mil_train.data.graphs import batch_graph
+    from mil_train.interop.torchmil import build_reference, from_torchmil, reference_outputs
+
+    config = {"in_dim": 12, "n_classes": 1, **config}
+    torch.manual_seed(0)
+    reference = build_reference("GTP", **config)
+    for parameter in reference.parameters():  # away from the zero class token / default init
+        torch.nn.init.normal_(parameter, std=0.3)
+    model = from_torchmil(reference, "GTP", **config)
+    lengths = (17, 4, 9)
+    bag = max(lengths)
+    mask = torch.arange(bag)[None, :] < torch.tensor(lengths)[:, None]
+    coords = torch.zeros(len(lengths), bag, 2, dtype=torch.int64)
+    for b, n in enumerate(lengths):
+        coords[b, :n] = grid_coords(n)
+    edge_index, edge_weight = batch_graph(coords, mask, "grid8", unit_self_loops=True)
+    X = torch.randn(len(lengths), bag, 12, generator=torch.Generator().manual_seed(1)) * mask[..., None]
+    ref_logits, ref_attention = reference_outputs("GTP", reference, X, mask, edge_index=edge_index, edge_weight=edge_weight)
+    with torch.no_grad():
+        out = model(torch.where(mask[..., None], X, torch.tensor(1e30)), mask, edge_index=edge_index, edge_weight=edge_weight)
+    assert_close(out.logits, ref_logits, "logits")
+    assert_close(out.attention, ref_attention, "attention")
+    with torch.no_grad():
+        from_coords = model(X, mask, coords=coords)  # the graph built from coords by the model's rule
+    torch.testing.assert_close(from_coords.logits, out.logits, atol=0, rtol=0)
+
+
+def test_gtp_attention_with_one_layer_is_the_class_token_attention_through_S():
+    """One layer: rollout row 0 over the clusters is half the head-mean attention, so after the
+    bag normalisation attention_i = sum_k S_ik a_k / sum_j sum_k S_jk a_k, a = mean_h W[h, 0, 1:]."""
+    from mil_train.models import create_model
+
+    torch.manual_seed(2)
+    model = create_model("GTP", in_dim=8, att_dim=8, n_heads=2, n_clusters=3).eval()
+    X = torch.randn(1, 6, 8)
+    edge_index = torch.stack([torch.arange(6), torch.arange(6)])
+    caught = {}
+    model.cluster_proj.register_forward_hook(lambda module, args, out: caught.update(logits=out))
+    model.transformer.layers[0].attention.register_forward_hook(lambda module, args, out: caught.update(w=out[1]))
+    with torch.no_grad():
+        out = model(X, edge_index=edge_index)
+    S = torch.softmax(caught["logits"], dim=-1)[0]  # (6, 3)
+    a = caught["w"].mean(dim=1)[0, 0, 1:]  # (3,)
+    expected = S @ a / (S @ a).sum()
+    torch.testing.assert_close(out.attention[0], expected)
