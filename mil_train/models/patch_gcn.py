@@ -41,9 +41,10 @@ class PatchGCN(MILModel):
     Each GCNConv adds the node's own features once more (torchmil's add_self_loops=True). Without
     edge_index the graph is built from `coords` by that rule; with neither, the bag has no edges.
 
-    `attention` is the pooling weights. O(N + E) time and memory: edge-list aggregation, and the first
-    MLP layer is applied block by block, so the (N, D + n_gcn_layers * hidden) concatenation that
-    torchmil builds never exists.
+    `attention` is the pooling weights. Linear in N: the edges are sorted once into per-node neighbour
+    slots (`mil_train.nn.gcn_conv.NeighbourTable`, O(N * max degree)), and the first MLP layer is
+    applied block by block, so the (N, D + n_gcn_layers * hidden) concatenation that torchmil builds
+    never exists.
     """
 
     name = "PatchGCN"

@@ -9,7 +9,8 @@ One graph convolution with a normalisation, an activation, dropout and a skip co
     "dense"  y = dropout(cat([x, act(norm(conv(x)))], -1))
     "plain"  y = dropout(act(norm(conv(x))))                 (no skip; PatchGCN's choice)
 
-The graph is an edge list over the flattened (batch * bag) nodes, passed through to the convolution.
+The graph is an edge list over the flattened (batch * bag) nodes (or the `NeighbourTable` built from
+it, see `mil_train.nn.gcn_conv`), passed through to the convolution unchanged.
 """
 
 from __future__ import annotations

@@ -286,6 +286,27 @@ def test_patch_gcn_padding_cannot_leak_through_edges_that_touch_it():
     assert (leaky.attention[:, 3:] == 0).all()
 
 
+def test_torchmil_turns_huge_padding_into_nan_logits_and_we_do_not():
+    """torchmil's self loop carries a 1e30 padded row into its LayerNorm (variance overflows: NaN), and
+    its pool's 0 weight times NaN reaches the logits; padding here is cleared before the first layer."""
+    pytest.importorskip("torchmil")
+    from mil_train.interop.torchmil import build_reference, from_torchmil, reference_outputs
+
+    torch.manual_seed(0)
+    reference = build_reference("PatchGCN", in_dim=16, att_dim=8)
+    model = from_torchmil(reference, "PatchGCN", in_dim=16, att_dim=8)
+    X = torch.randn(1, 6, 16)
+    mask = torch.tensor([[True] * 4 + [False] * 2])
+    coords = torch.tensor([[[0, 0], [0, 1], [1, 0], [1, 1], [0, 0], [0, 0]]])
+    clean_logits, _ = reference_outputs("PatchGCN", reference, X, mask, coords=coords)
+    X[0, 4:] = 1e30
+    huge_logits, _ = reference_outputs("PatchGCN", reference, X, mask, coords=coords)
+    with torch.no_grad():
+        ours = model(X, mask, coords=coords)
+    assert torch.isnan(huge_logits).all()
+    assert_rule(ours.logits, clean_logits)
+
+
 def test_patch_gcn_builds_its_graph_from_coords_and_warns_without_one():
     from mil_train.models import create_model
 

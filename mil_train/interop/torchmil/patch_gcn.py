@@ -14,8 +14,12 @@ Where torchmil 1.0.2 differs from milkit's model:
 - mlp_depth=0 crashes in torchmil (its pool reads hidden_dim features, the concatenation is wider);
   milkit refuses it in the constructor;
 - DeepGCNLayer treats an unknown `block` as "plain"; milkit refuses it (PatchGCN always uses "plain");
-- padded rows: torchmil's GCN layers propagate whatever the padding holds along any edge that touches
-  it and its LayerNorm turns 1e30 rows into NaN; milkit clears padded rows before every convolution;
+- neighbour sums: torchmil multiplies its sparse adjacency; milkit gathers each node's neighbours into
+  slots and sums them in float32 in edge-list order (differences ~1e-8 on the logits);
+- padded rows (torchmil bug): torchmil's self loop carries whatever a padded row holds into its
+  LayerNorm, whose variance overflows for 1e30 rows, and its pool's 0 weight times that NaN makes the
+  logits NaN (tested in tests/models/test_gcn_conv.py); torchmil also propagates padding along any
+  edge that touches it. milkit clears padded rows before every convolution;
 - it returns the attention scores before the softmax; milkit's adapter normalises them by the masked
   softmax.
 """
