@@ -233,7 +233,9 @@ class GTP(MILModel):
             X = X.masked_fill(~mask.unsqueeze(-1), 0.0)  # (batch, bag, D)
         H = self.gcn_conv(X, edge_index, edge_weight)  # (batch, bag, D)
         S = cluster_assignments(self.cluster_proj(H), mask)  # (batch, bag, K), 0 on padding
-        clusters = pool_features(H, S, mask)  # (batch, K, D)
+        # H is finite on padding (X was zeroed there) and S is 0 there, so S^T H needs no second mask
+        # (a (batch, bag, D) Where: ~9 % of the exported graph's time at 10,000 tiles).
+        clusters = pool_features(H, S)  # (batch, K, D)
         cls = self.cls_token.expand(X.shape[0], -1, -1)  # (batch, 1, D)
         Z, weights = self.transformer(torch.cat([cls, clusters], dim=1))  # (batch, K + 1, D)
         logits = self.classifier(Z[:, 0])  # (batch, n_classes)
