@@ -23,7 +23,7 @@ Here each bag is treated alone, whatever the batch holds (padding invariance):
   whole batch tensor, which ties a bag to its batch-mates (it still converges towards the same
   pseudo-inverse, but 6 steps are not converged); for a batch of one bag both are the same.
 - Padded rows (which may hold 1e30) are replaced by 0 before anything reads them, padded q/k/v rows
-  are zeroed, padded keys never enter a softmax, and padded output rows are 0.
+  are zeroed, padded keys get weight exactly 0 in every softmax, and padded output rows are 0.
 No tensor has two token axes: A1 is (batch, heads, tokens, m), A3 (batch, heads, m, tokens), so
 memory and time are linear in the bag. `attention_matrix` builds the dense (tokens, tokens) product
 for tests only.
@@ -157,14 +157,15 @@ class NystromAttention(nn.Module):
         A2 = torch.softmax(query_lm @ key_lm.transpose(-1, -2), dim=-1)  # (batch, heads, m, m)
         A2_inv = newton_schulz_pinv(A2, self.pinv_iterations)  # (batch, heads, m, m)
 
-        scores3 = query_lm @ key.transpose(-1, -2)  # (batch, heads, m, tokens)
-        key_real = mask[:, None, None, :]  # (batch, 1, 1, tokens)
-        scores3 = torch.where(key_real, scores3, torch.full_like(scores3, MASKED_SCORE))
+        # padded keys (k = 0, so score 0) get MASKED_SCORE added: one (batch, 1, 1, tokens) bias, no
+        # second (m, tokens) tensor; exp(MASKED_SCORE - top) is exactly 0 whenever the bag has a real
+        # token (an empty bag has v = 0 everywhere, so its output is 0 all the same)
+        key_bias = torch.where(mask, torch.zeros_like(mask, dtype=X.dtype), torch.full_like(mask, MASKED_SCORE, dtype=X.dtype))
+        scores3 = query_lm @ key.transpose(-1, -2) + key_bias[:, None, None, :]  # (batch, heads, m, tokens)
         top = scores3.amax(dim=-1, keepdim=True)  # (batch, heads, m, 1)
         has_front = (front > 0)[:, None, None, None]  # (batch, 1, 1, 1)
         top = torch.where(has_front, top.clamp(min=0.0), top)  # the virtual zero keys score 0
         e3 = torch.exp(scores3 - top)  # (batch, heads, m, tokens), 0 on padded keys
-        e3 = torch.where(key_real, e3, torch.zeros_like(e3))
         denom3 = e3.sum(dim=-1) + front.to(X.dtype)[:, None, None] * torch.exp(-top[..., 0])  # (batch, heads, m)
         return A1, A2_inv, e3, denom3, value
 
