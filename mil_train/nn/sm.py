@@ -113,9 +113,9 @@ class EdgeAdjacency:
             0, rows, torch.ones_like(rows)
         )  # (nodes,)
         first = torch.cumsum(degree, dim=0) - degree  # (nodes,) position of each node's first edge
-        slot = torch.arange(rows.shape[0], device=rows.device) - first[rows]  # (E,)
+        slot = torch.arange(rows.shape[0], device=rows.device) - first.index_select(0, rows)  # (E,)
         # every edge inside its source's block [first, first + degree) <=> the edges are sorted by source
-        in_block = (slot >= 0) & (slot < degree[rows])  # (E,)
+        in_block = (slot >= 0) & (slot < degree.index_select(0, rows))  # (E,)
         valid = in_block & (slot < k)  # (E,)
         dump = n_nodes * k  # one extra slot that the invalid edges write to, then dropped
         position = torch.where(valid, rows * k + slot, dump)  # (E,)
@@ -134,10 +134,10 @@ class EdgeAdjacency:
         batch, bag, channels = g.shape
         flat = g.reshape(batch * bag, channels)  # (batch * bag, C)
         if self.layout == "ell":
-            neighbours = flat[self.targets].reshape(batch * bag, ELL_DEGREE, channels)  # (nodes, k, C)
+            neighbours = flat.index_select(0, self.targets).reshape(batch * bag, ELL_DEGREE, channels)  # (nodes, k, C)
             out = (neighbours * self.ell_weight).sum(dim=1) + self.poison  # (nodes, C)
         else:
-            messages = flat[self.cols] * self.weight  # (E, C)
+            messages = flat.index_select(0, self.cols) * self.weight  # (E, C)
             out = torch.zeros_like(flat).scatter_add(0, self.index, messages)  # (batch * bag, C)
         return out.reshape(batch, bag, channels)
 
