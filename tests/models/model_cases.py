@@ -11,15 +11,25 @@ from typing import Any
 
 SMALL_CONFIGS: dict[str, dict[str, Any]] = {
     "ABMIL": {"att_dim": 32},
+    # 16 landmarks (default None = 256: every landmark of a test bag would be one token): bags of 49
+    # and 50 give runs of 4 tokens behind 15 / 14 front zeros, 16 and 48 runs of 1 and 3 without
+    "CAMIL": {"nystrom_att_dim": 32, "pool_att_dim": 32, "n_landmarks": 16},
     "CLAM_SB": {"att_dim": 32},
     "CLAM_MB": {"att_dim": 32},
     "DSMIL": {"att_dim": 32},
     "DTFDMIL": {"att_dim": 32},
+    "GTP": {"att_dim": 32, "n_heads": 4},
     "IIBMIL": {"att_dim": 32, "n_heads": 4},
     "PatchGCN": {"att_dim": 32},
     "ProbSmoothABMIL": {"att_dim": 32},
+    "SETMIL": {"att_dim": 32},
+    "SmABMIL": {"att_dim": 32},
+    "SmTransformerABMIL": {"pool_att_dim": 32, "transf_att_dim": 32, "transf_n_heads": 4},
     "TransformerABMIL": {"pool_att_dim": 32, "transf_att_dim": 32, "transf_n_heads": 4},
     "TransformerProbSmoothABMIL": {"pool_att_dim": 32, "transf_att_dim": 32, "transf_n_heads": 4},
+    # 10 landmarks (default att_dim // 2 = 16 never divides TransMIL's side^2 + 1 tokens): bags of 5-9
+    # and 37-49 instances then have 10 / 50 tokens, the case with no front padding
+    "TransMIL": {"att_dim": 32, "n_heads": 4, "n_landmarks": 10},
 }
 
 
@@ -43,7 +53,12 @@ def training_settings(name: str) -> dict[str, Any]:
 # ONNX parity sizes: one, two, a prime, a perfect square and one more; models with landmarks or windows
 # add an exact multiple of that count for their SMALL_CONFIGS widths.
 ONNX_SIZES = (1, 2, 13, 49, 50)
-ONNX_EXTRA_SIZES: dict[str, tuple[int, ...]] = {}
+ONNX_EXTRA_SIZES: dict[str, tuple[int, ...]] = {
+    "CAMIL": (16, 48),  # exact multiples of its 16 landmarks
+    # 8 instances -> 10 tokens (side 3, one repeated instance): one run of 10 landmarks; 40 -> 50 tokens,
+    # five runs, 9 repeats; 49 -> 50 tokens without repeats
+    "TransMIL": (8, 40),
+}
 
 
 def onnx_sizes(name: str) -> tuple[int, ...]:
