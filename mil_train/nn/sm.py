@@ -73,8 +73,8 @@ class EdgeAdjacency:
     - "ell" (the exported A): onnxruntime's ScatterElements costs ~40 ns per element, 5x torchmil's
       whole SmABMIL at 10,000 instances, so the export builds once per run a padded neighbour table
       (ELLPACK): slot k < ELL_DEGREE of node s holds its k-th edge's target and weight (1-D scatters
-      of E elements), then every application is one Gather of (nodes * ELL_DEGREE, C) rows, a Mul
-      and a ReduceSum. The slot of an edge is its position minus the first position of its source,
+      of E elements), then every application is one Gather of (nodes * ELL_DEGREE, C) rows and a
+      batched (nodes, 1, k) x (nodes, k, C) MatMul. The slot of an edge is its position minus the first position of its source,
       which needs the edges sorted by source (both graph builders emit (source, target) order) and
       at most ELL_DEGREE edges per node (8 on grid8 without self loops, the Sm models' rule). An
       edge list that breaks either makes every output NaN (never a silently wrong sum).
@@ -124,7 +124,7 @@ class EdgeAdjacency:
             0, position, torch.where(valid, weight, 0.0)
         )
         self.targets = targets[:dump]  # (nodes * k,)
-        self.ell_weight = weights[:dump].reshape(n_nodes, k, 1)  # (nodes, k, 1)
+        self.ell_weight = weights[:dump].reshape(n_nodes, 1, k)  # (nodes, 1, k)
         usable = in_block.all() & (degree <= k).all()  # () True for an empty edge list too
         self.poison = torch.where(usable, 0.0, float("nan")).to(weight.dtype)  # ()
 
@@ -135,7 +135,7 @@ class EdgeAdjacency:
         flat = g.reshape(batch * bag, channels)  # (batch * bag, C)
         if self.layout == "ell":
             neighbours = flat.index_select(0, self.targets).reshape(batch * bag, ELL_DEGREE, channels)  # (nodes, k, C)
-            out = (neighbours * self.ell_weight).sum(dim=1) + self.poison  # (nodes, C)
+            out = torch.matmul(self.ell_weight, neighbours).squeeze(1) + self.poison  # (nodes, C)
         else:
             messages = flat.index_select(0, self.cols) * self.weight  # (E, C)
             out = torch.zeros_like(flat).scatter_add(0, self.index, messages)  # (batch * bag, C)
