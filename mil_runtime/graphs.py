@@ -9,16 +9,16 @@ Conventions shared by both copies:
   directions of an edge are present. Edges are sorted by (source, target).
 - edge_weight is (E,) float32, the symmetric normalisation D^-1/2 A D^-1/2: w_ij = 1 / sqrt(d_i d_j),
   with d_i the number of edges leaving i (self loops included when asked for with `self_loops`).
-  `unit_self_loops` instead appends self loops of weight 1 after normalising the neighbour edges:
-  D^-1/2 A D^-1/2 + I, the graph torchmil's datasets build (dist_thr 1.5, norm_adj, then self loops).
-  Computed in float64, then rounded once to float32.
+  `lone_self_loop` gives a bag of one tile the self loop (0, 0) of weight 1 and changes nothing else:
+  with grid8, the graph torchmil's datasets build (neighbours within 1.5 grid units, D^-1/2 A D^-1/2,
+  a self loop only when the bag has one instance). Computed in float64, then rounded once to float32.
 - Neighbours are found by sorting integer cell keys and binary search: O(N log N) time, O(N) memory.
 
 Rules (`GRAPH_RULES`):
 | name  | neighbours of (y, x)                          | params                   |
 |-------|-----------------------------------------------|--------------------------|
-| grid8 | the 8 cells with |dy| <= 1 and |dx| <= 1       | self_loops, unit_self_loops: bool = False |
-| grid4 | the 4 cells sharing a side (|dy| + |dx| == 1) | self_loops, unit_self_loops: bool = False |
+| grid8 | the 8 cells with |dy| <= 1 and |dx| <= 1       | self_loops, lone_self_loop: bool = False  |
+| grid4 | the 4 cells sharing a side (|dy| + |dx| == 1) | self_loops, lone_self_loop: bool = False  |
 """
 
 from __future__ import annotations
@@ -98,34 +98,21 @@ def _symmetric_weights(edge_index: np.ndarray, n: int) -> np.ndarray:
     return (1.0 / np.sqrt(degree[edge_index[0]] * degree[edge_index[1]])).astype(np.float32)
 
 
-def _with_unit_self_loops(edge_index: np.ndarray, edge_weight: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Append (i, i) with weight 1 to a graph without self loops; edges stay sorted by (source, target)."""
-    loops = np.arange(n, dtype=np.int64)
-    src = np.concatenate([edge_index[0], loops])
-    dst = np.concatenate([edge_index[1], loops])
-    weight = np.concatenate([edge_weight, np.ones(n, dtype=np.float32)])
-    order = np.argsort(src * n + dst, kind="stable")
-    return np.stack([src[order], dst[order]]), weight[order]
-
-
-def _normalised(coords: np.ndarray, offsets, self_loops: bool, unit_self_loops: bool) -> tuple[np.ndarray, np.ndarray]:
-    if self_loops and unit_self_loops:
-        raise ModelFormatError("graph rule: self_loops and unit_self_loops exclude each other; pick one")
+def _normalised(coords: np.ndarray, offsets, self_loops: bool, lone_self_loop: bool) -> tuple[np.ndarray, np.ndarray]:
     edge_index = _grid_edges(coords, offsets, bool(self_loops))
-    edge_weight = _symmetric_weights(edge_index, len(coords))
-    if unit_self_loops:
-        return _with_unit_self_loops(edge_index, edge_weight, len(coords))
-    return edge_index, edge_weight
+    if lone_self_loop and len(coords) == 1 and edge_index.shape[1] == 0:  # torchmil's datasets do this
+        return np.zeros((2, 1), dtype=np.int64), np.ones(1, dtype=np.float32)
+    return edge_index, _symmetric_weights(edge_index, len(coords))
 
 
-def grid8(coords: np.ndarray, *, self_loops: bool = False, unit_self_loops: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def grid8(coords: np.ndarray, *, self_loops: bool = False, lone_self_loop: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """8-neighbourhood graph on grid coords, symmetric normalisation."""
-    return _normalised(coords, GRID8_OFFSETS, self_loops, unit_self_loops)
+    return _normalised(coords, GRID8_OFFSETS, self_loops, lone_self_loop)
 
 
-def grid4(coords: np.ndarray, *, self_loops: bool = False, unit_self_loops: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def grid4(coords: np.ndarray, *, self_loops: bool = False, lone_self_loop: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """4-neighbourhood (shared sides) graph on grid coords, symmetric normalisation."""
-    return _normalised(coords, GRID4_OFFSETS, self_loops, unit_self_loops)
+    return _normalised(coords, GRID4_OFFSETS, self_loops, lone_self_loop)
 
 
 GRAPH_RULES: dict[str, Callable[..., tuple[np.ndarray, np.ndarray]]] = {"grid8": grid8, "grid4": grid4}

@@ -133,28 +133,29 @@ def test_refusals():
     assert set(np_graphs.GRAPH_RULES) == set(torch_graphs.GRAPH_RULES)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_unit_self_loops_is_torchmils_dataset_graph(seed):
-    """torchmil's datasets: neighbours within 1.5 grid units, D^-1/2 A D^-1/2, then self loops of weight 1."""
-    graph_utils = pytest.importorskip("torchmil.utils.graph_utils")
+def torchmil_dataset_graph(coords: np.ndarray) -> np.ndarray:
+    """torchmil 1.0.2's own dataset graph for one bag (ProcessedMILDataset._build_adj, default settings), dense."""
+    from types import SimpleNamespace
 
-    coords = holey_grid(seed, side=13, keep=0.7)
-    edge_index, edge_weight = assert_same(coords, rule="grid8", unit_self_loops=True)
-    ref_index, _ = graph_utils.build_adj(coords.astype(np.float64), None, dist_thr=1.5)
-    ref_weight = graph_utils.normalize_adj(ref_index, None, len(coords))
-    ref_index, ref_weight = graph_utils.add_self_loops(ref_index, ref_weight, len(coords))
+    datasets = pytest.importorskip("torchmil.datasets.processed_mil_dataset")
+    settings = SimpleNamespace(adj_with_dist=False, dist_thr=1.5)  # the dataset's defaults
+    bag = {"coords": coords.astype(np.float64), "X": None}
+    edge_index, _, weight = datasets.ProcessedMILDataset._build_adj(settings, bag)
     dense = np.zeros((len(coords), len(coords)))
-    dense[ref_index[0], ref_index[1]] = ref_weight
-    ours = np.zeros_like(dense)
+    dense[edge_index[0], edge_index[1]] = weight
+    return dense
+
+
+@pytest.mark.parametrize("coords", [holey_grid(0, side=13, keep=0.7), holey_grid(1, side=9, keep=0.5, offset=4),
+                                    np.array([[3, 5]]), np.array([[0, 0], [5, 5]])],
+                         ids=["holes", "holes-offset", "one tile", "two apart"])
+def test_lone_self_loop_grid8_is_torchmils_dataset_graph(coords):
+    edge_index, edge_weight = assert_same(coords, rule="grid8", lone_self_loop=True)
+    ours = np.zeros((len(coords), len(coords)))
     ours[edge_index[0], edge_index[1]] = edge_weight
-    np.testing.assert_allclose(ours, dense, rtol=0, atol=1e-6)
-    assert edge_index.shape[1] == ref_index.shape[1]
+    np.testing.assert_allclose(ours, torchmil_dataset_graph(coords), rtol=0, atol=1e-6)
+    assert edge_index.shape[1] == np.count_nonzero(torchmil_dataset_graph(coords))
+    if len(coords) > 1:  # only a one-tile bag gets a self loop
+        assert not np.any(edge_index[0] == edge_index[1])
     key = edge_index[0] * len(coords) + edge_index[1]
     assert np.all(np.diff(key) > 0), "edges sorted by (source, target)"
-
-
-def test_self_loop_modes_exclude_each_other():
-    with pytest.raises(ModelFormatError, match="exclude each other"):
-        np_graphs.build_graph(grid(2, 2), self_loops=True, unit_self_loops=True)
-    with pytest.raises(ValueError, match="exclude each other"):
-        torch_graphs.build_graph(torch.from_numpy(grid(2, 2)), self_loops=True, unit_self_loops=True)

@@ -8,16 +8,16 @@ Conventions:
 - edge_index is (2, E) int64, row 0 = source, row 1 = target; rules are symmetric (both directions
   present); edges sorted by (source, target).
 - edge_weight is (E,) float32 = D^-1/2 A D^-1/2: w_ij = 1 / sqrt(d_i d_j), d_i = edges leaving i (self
-  loops included when asked for with `self_loops`); `unit_self_loops` appends self loops of weight 1
-  after normalising instead (D^-1/2 A D^-1/2 + I, torchmil's dataset graph); computed in float64 and
-  rounded once.
+  loops included when asked for with `self_loops`); `lone_self_loop` gives a one-tile bag the self
+  loop (0, 0) of weight 1 and changes nothing else (with grid8: torchmil's dataset graph); computed in
+  float64 and rounded once.
 - Neighbours come from sorted integer cell keys and binary search: O(N log N) time, O(N) memory.
 
 Rules (`GRAPH_RULES`):
 | name  | neighbours of (y, x)                          | params                   |
 |-------|-----------------------------------------------|--------------------------|
-| grid8 | the 8 cells with |dy| <= 1 and |dx| <= 1       | self_loops, unit_self_loops: bool = False |
-| grid4 | the 4 cells sharing a side (|dy| + |dx| == 1) | self_loops, unit_self_loops: bool = False |
+| grid8 | the 8 cells with |dy| <= 1 and |dx| <= 1       | self_loops, lone_self_loop: bool = False  |
+| grid4 | the 4 cells sharing a side (|dy| + |dx| == 1) | self_loops, lone_self_loop: bool = False  |
 """
 
 from __future__ import annotations
@@ -97,37 +97,30 @@ def _symmetric_weights(edge_index: torch.Tensor, n: int) -> torch.Tensor:
     return (1.0 / torch.sqrt(degree[edge_index[0]] * degree[edge_index[1]])).float()
 
 
-def _with_unit_self_loops(edge_index: torch.Tensor, edge_weight: torch.Tensor, n: int) -> Graph:
-    """Append (i, i) with weight 1 to a graph without self loops; edges stay sorted by (source, target)."""
-    loops = torch.arange(n, device=edge_index.device)
-    src = torch.cat([edge_index[0], loops])
-    dst = torch.cat([edge_index[1], loops])
-    weight = torch.cat([edge_weight, torch.ones(n, dtype=torch.float32, device=edge_weight.device)])
-    order = torch.argsort(src * n + dst, stable=True)
-    return torch.stack([src[order], dst[order]]), weight[order]
-
-
-def _normalised(coords, offsets, self_loops: bool, unit_self_loops: bool) -> Graph:
-    if self_loops and unit_self_loops:
-        raise ValueError("graph rule: self_loops and unit_self_loops exclude each other; pick one")
+def _normalised(coords, offsets, self_loops: bool, lone_self_loop: bool) -> Graph:
     edge_index = _grid_edges(coords, offsets, bool(self_loops))
-    edge_weight = _symmetric_weights(edge_index, len(coords))
-    if unit_self_loops:
-        return _with_unit_self_loops(edge_index, edge_weight, len(coords))
-    return edge_index, edge_weight
+    if lone_self_loop and len(coords) == 1 and edge_index.shape[1] == 0:  # torchmil's datasets do this
+        device = edge_index.device
+        return torch.zeros((2, 1), dtype=torch.long, device=device), torch.ones(1, dtype=torch.float32, device=device)
+    return edge_index, _symmetric_weights(edge_index, len(coords))
 
 
-def grid8(coords, *, self_loops: bool = False, unit_self_loops: bool = False) -> Graph:
+def grid8(coords, *, self_loops: bool = False, lone_self_loop: bool = False) -> Graph:
     """8-neighbourhood graph on grid coords, symmetric normalisation."""
-    return _normalised(coords, GRID8_OFFSETS, self_loops, unit_self_loops)
+    return _normalised(coords, GRID8_OFFSETS, self_loops, lone_self_loop)
 
 
-def grid4(coords, *, self_loops: bool = False, unit_self_loops: bool = False) -> Graph:
+def grid4(coords, *, self_loops: bool = False, lone_self_loop: bool = False) -> Graph:
     """4-neighbourhood (shared sides) graph on grid coords, symmetric normalisation."""
-    return _normalised(coords, GRID4_OFFSETS, self_loops, unit_self_loops)
+    return _normalised(coords, GRID4_OFFSETS, self_loops, lone_self_loop)
 
 
 GRAPH_RULES: dict[str, Callable[..., Graph]] = {"grid8": grid8, "grid4": grid4}
+
+# The graph torchmil 1.0.2's datasets build (ProcessedMILDataset._build_adj with its defaults: neighbours
+# within 1.5 grid units, D^-1/2 A D^-1/2, a self loop of weight 1 only on a one-instance bag), as a
+# model's `graph_rule`: the structure-aware models use it, so a torchmil user's graph carries over.
+TORCHMIL_GRAPH_RULE = {"rule": "grid8", "params": {"lone_self_loop": True}}
 
 
 def _rule(rule: str, params: dict) -> Callable[..., Graph]:

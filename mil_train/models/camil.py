@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mil_train.data.graphs import batch_graph
+from mil_train.data.graphs import TORCHMIL_GRAPH_RULE, batch_graph
 from mil_train.models.base import MILModel, MILOutput, masked_softmax
 from mil_train.models.registry import register_model
 from mil_train.nn.attention_pool import AttentionPool
@@ -25,7 +25,7 @@ from mil_train.nn.nystrom_attention import NystromTransformerLayer
 # torchmil's CAMIL default n_landmarks=None reaches NystromAttention as `seq_len % None` and raises a
 # TypeError on the first forward; None here means NystromTransformerLayer's own default.
 DEFAULT_LANDMARKS = 256
-GRAPH_RULE = {"rule": "grid8", "params": {"unit_self_loops": True}}  # torchmil's dataset graph
+GRAPH_RULE = TORCHMIL_GRAPH_RULE  # torchmil's dataset graph (mil_train.data.graphs)
 
 
 @register_model
@@ -45,8 +45,8 @@ class CAMIL(MILModel):
         dropout: dropout of the transformer layer's MLP (training only).
         use_mlp: feed-forward block in the transformer layer.
 
-    Graph: edge_index / edge_weight of the grid8 rule with unit self loops (D^-1/2 A D^-1/2 + I, the
-    graph torchmil's datasets build). Without edge_index the graph is built from coords by that rule;
+    Graph: edge_index / edge_weight of the grid8 rule, D^-1/2 A D^-1/2 with a self loop only on a
+    one-instance bag (the graph torchmil's datasets build). Without edge_index the graph is built from coords by that rule;
     without either, no instance has neighbours (a warning says so) and the local branch is uniform.
     `attention` is the pool's weights. Linear in N: Nystrom's (bag, landmarks) factors and (edges,)
     scores, no (bag, bag) tensor.

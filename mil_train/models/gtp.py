@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from mil_train.data.graphs import batch_graph
+from mil_train.data.graphs import TORCHMIL_GRAPH_RULE, batch_graph
 from mil_train.models.base import MILModel, MILOutput
 from mil_train.models.registry import register_model
 from mil_train.nn.gcn_conv import GCNConv
 from mil_train.nn.mincut_pool import cluster_assignments, mincut_losses, pool_features, propagate
 
-GRAPH_RULE = {"rule": "grid8", "params": {"unit_self_loops": True}}  # torchmil's dataset graph
+GRAPH_RULE = TORCHMIL_GRAPH_RULE  # torchmil's dataset graph (mil_train.data.graphs)
 
 
 class ClusterSelfAttention(nn.Module):
@@ -167,7 +167,7 @@ class GTP(MILModel):
         dropout: transformer dropout (training only).
 
     Graph: `edge_index` / `edge_weight` over the flattened (batch * bag) nodes, torchmil's dataset graph
-    (`graph_rule`: grid8, D^-1/2 A D^-1/2, then unit self loops); without them the graph is built
+    (`graph_rule`: grid8, D^-1/2 A D^-1/2, a self loop only on a one-instance bag); without them the graph is built
     from `coords` by that rule; without either the GCN sees no edges (a warning says so).
 
     `attention`: the class token's attention rollout over the cluster tokens, pushed back to the

@@ -11,14 +11,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from mil_train.data.graphs import batch_graph
+from mil_train.data.graphs import TORCHMIL_GRAPH_RULE, batch_graph
 from mil_train.models.base import MILModel, MILOutput
 from mil_train.models.registry import register_model
 from mil_train.nn import AttentionPool
 from mil_train.nn.deep_gcn import DeepGCNLayer
 from mil_train.nn.gcn_conv import GCNConv, NeighbourTable, neighbour_table
 
-GRAPH_RULE = {"rule": "grid8", "params": {"unit_self_loops": True}}  # torchmil's dataset graph
+GRAPH_RULE = TORCHMIL_GRAPH_RULE  # torchmil's dataset graph (mil_train.data.graphs)
 
 
 @register_model
@@ -37,7 +37,8 @@ class PatchGCN(MILModel):
         dropout: dropout of the DeepGCN layers and the MLP (training only).
 
     Graph: `edge_index` / `edge_weight` over the flattened (batch * bag) nodes, by default
-    `graph_rule` = grid8 with D^-1/2 A D^-1/2 weights plus unit self loops, torchmil's dataset graph.
+    `graph_rule` = grid8 with D^-1/2 A D^-1/2 weights (a self loop only on a one-instance bag),
+    torchmil's dataset graph.
     Each GCNConv adds the node's own features once more (torchmil's add_self_loops=True). Without
     edge_index the graph is built from `coords` by that rule; with neither, the bag has no edges.
 

@@ -31,7 +31,8 @@ a symmetric graph (every milkit rule is) and c lambda_max(A) < 1 + c. On torchmi
 2 sqrt(K) ((sqrt(K) - 1) / (sqrt(K) + 1))^k: below 1e-6 for c <= 4 at k = 32 (the trainable
 coefficient starts at c = 1, K = 3, a contraction of 0.27 per step); tests/models/test_sm.py
 measures it against the dense solve. Graphs whose A has eigenvalues near (1 + c) / c (e.g. with
-unit self loops appended, where lambda_max = 2 and M is singular at c = 1) make the exact mode
+self loops of weight 1 appended to every node, where lambda_max = 2 and M is singular at c = 1; the
+models' rule, torchmil's dataset graph, has none but on a one-instance bag) make the exact mode
 ill-posed in torchmil and the exported CG inaccurate. The approx mode has no such limit and exports
 exactly (the same operations in eager and ONNX).
 

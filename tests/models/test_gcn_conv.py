@@ -184,7 +184,7 @@ def test_gcn_conv_matches_torchmil_on_its_own_grid_graph():
     coords = torch.stack(torch.meshgrid(torch.arange(6), torch.arange(5), indexing="ij"), -1).reshape(1, 30, 2)
     mask = torch.ones(1, 30, dtype=torch.bool)
     mask[0, [4, 17]] = False  # holes in the tissue
-    edge_index, edge_weight = batch_graph(coords, mask, "grid8", unit_self_loops=True)
+    edge_index, edge_weight = batch_graph(coords, mask, "grid8", lone_self_loop=True)
     x = torch.randn(1, 30, 70)
     with torch.no_grad():
         expected = reference(x, torchmil_adjacency(edge_index, edge_weight, 1, 30))
@@ -311,10 +311,10 @@ def test_patch_gcn_builds_its_graph_from_coords_and_warns_without_one():
     from mil_train.models import create_model
 
     model = create_model("PatchGCN", in_dim=8, att_dim=8).eval()
-    assert model.graph_rule == {"rule": "grid8", "params": {"unit_self_loops": True}}
+    assert model.graph_rule == {"rule": "grid8", "params": {"lone_self_loop": True}}
     coords = grid_bag(12, 4)[None]
     X = torch.randn(1, 12, 8)
-    edge_index, edge_weight = batch_graph(coords, None, "grid8", unit_self_loops=True)
+    edge_index, edge_weight = batch_graph(coords, None, "grid8", lone_self_loop=True)
     with torch.no_grad():
         given = model(X, edge_index=edge_index, edge_weight=edge_weight)
         built = model(X, coords=coords)

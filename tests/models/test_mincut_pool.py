@@ -23,7 +23,7 @@ def random_graph(lengths, bag, generator, symmetric: bool, p: float = 0.3):
         weights = torch.rand(n, n, generator=generator) * keep
         if symmetric:
             weights = torch.triu(weights) + torch.triu(weights, 1).T
-        weights.fill_diagonal_(1.0)  # torchmil's dataset graph ends with unit self loops
+        weights.fill_diagonal_(1.0)  # self loops: the pool must handle them (GCN graphs often have them)
         dense[b, :n, :n] = weights
     b, s, t = dense.nonzero(as_tuple=True)
     edge_index = torch.stack([b * bag + s, b * bag + t])  # (2, E)
@@ -79,7 +79,7 @@ def test_per_bag_losses_equal_each_bag_alone():
 
 
 def test_hand_computed_two_node_case():
-    """Two nodes joined by weight-1 edges plus unit self loops, two clusters, hard assignments.
+    """Two nodes joined by weight-1 edges plus self loops of weight 1, two clusters, hard assignments.
 
     A = [[1, 1], [1, 1]], S = I (node i in cluster i): S^T A S = A, tr = 2; D = diag(2, 2),
     tr(S^T D S) = 4, so min-cut = -0.5. S^T S = I, so orthogonality = 0. The pooled adjacency
@@ -146,7 +146,7 @@ def test_gtp_variants_match_torchmil_in_a_padded_batch(config):
     coords = torch.zeros(len(lengths), bag, 2, dtype=torch.int64)
     for b, n in enumerate(lengths):
         coords[b, :n] = grid_coords(n)
-    edge_index, edge_weight = batch_graph(coords, mask, "grid8", unit_self_loops=True)
+    edge_index, edge_weight = batch_graph(coords, mask, "grid8", lone_self_loop=True)
     X = torch.randn(len(lengths), bag, 12, generator=torch.Generator().manual_seed(1)) * mask[..., None]
     ref_logits, ref_attention = reference_outputs("GTP", reference, X, mask, edge_index=edge_index, edge_weight=edge_weight)
     with torch.no_grad():

@@ -91,7 +91,7 @@ def test_grid_graph_matches_the_dense_formula():
     layer = NeighbourAttention(in_dim=8, att_dim=8)
     index = torch.arange(20)
     coords = torch.stack([index // 5, index % 5], dim=1)[None]  # (1, 20, 2)
-    edge_index, edge_weight = batch_graph(coords, None, "grid8", unit_self_loops=True)
+    edge_index, edge_weight = batch_graph(coords, None, "grid8", lone_self_loop=True)
     X = torch.randn(1, 20, 8)
     mask = torch.ones(1, 20, dtype=torch.bool)
     with torch.no_grad():
@@ -165,7 +165,7 @@ def test_matches_torchmils_camil_self_attention(n):
     layer = NeighbourAttention(in_dim=16, att_dim=8)
     index = torch.arange(n)
     coords = torch.stack([index // 8, index % 8], dim=1)[None]  # (1, n, 2)
-    edge_index, edge_weight = batch_graph(coords, None, "grid8", unit_self_loops=True)
+    edge_index, edge_weight = batch_graph(coords, None, "grid8", lone_self_loop=True)
     X = torch.randn(1, n, 16, generator=generator)
     adj = dense_adjacency(edge_index, edge_weight, 1, n).float().to_sparse()  # (1, bag, bag) sparse COO
     with torch.no_grad():
@@ -182,7 +182,7 @@ def test_matches_torchmils_camil_self_attention_in_float64():
     layer = NeighbourAttention(in_dim=16, att_dim=8).double()
     index = torch.arange(n)
     coords = torch.stack([index // 15, index % 15], dim=1)[None]  # (1, n, 2)
-    edge_index, edge_weight = batch_graph(coords, None, "grid8", unit_self_loops=True)
+    edge_index, edge_weight = batch_graph(coords, None, "grid8", lone_self_loop=True)
     X = torch.randn(1, n, 16, dtype=torch.float64)
     adj = dense_adjacency(edge_index, edge_weight, 1, n).to_sparse()  # (1, bag, bag) float64
     with torch.no_grad():
@@ -204,7 +204,7 @@ def test_camil_matches_torchmil_in_float64_and_its_graph_matters(n):
     model = from_torchmil(reference, "CAMIL", **config).double()
     index = torch.arange(n)
     coords = torch.stack([index // 17, index % 17], dim=1)[None]  # (1, n, 2)
-    edge_index, edge_weight = batch_graph(coords, None, "grid8", unit_self_loops=True)
+    edge_index, edge_weight = batch_graph(coords, None, "grid8", lone_self_loop=True)
     edge_weight = edge_weight.double()
     X = torch.randn(1, n, 12, dtype=torch.float64)
     ref_logits, ref_attention = reference_outputs("CAMIL", reference, X, None, edge_index=edge_index,

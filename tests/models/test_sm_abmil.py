@@ -36,9 +36,9 @@ def bags_on_grids(lengths, dim=16, seed=0):
 def test_graph_from_coords_equals_the_rule_graph_passed_in(name):
     torch.manual_seed(0)
     model = create_model(name, in_dim=16, n_classes=2, **SMALL[name]).eval()
-    assert model.graph_rule == {"rule": "grid8", "params": {}}
+    assert model.graph_rule == {"rule": "grid8", "params": {"lone_self_loop": True}}
     X, mask, coords = bags_on_grids((12, 5, 1))
-    edge_index, edge_weight = batch_graph(coords, mask, "grid8")
+    edge_index, edge_weight = batch_graph(coords, mask, "grid8", lone_self_loop=True)
     with torch.no_grad():
         given = model(X, mask, edge_index=edge_index, edge_weight=edge_weight)
         built = model(X, mask, coords=coords)

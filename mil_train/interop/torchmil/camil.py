@@ -23,7 +23,7 @@ Where torchmil differs, and how `reference_outputs` reaches a path comparable wi
   only), so no other path is needed.
 - The graph: torchmil takes a sparse COO (batch, bag, bag) `adj`; `reference_outputs` builds it from
   milkit's edge list (`torchmil_adjacency`). Given coords but no edges, it builds milkit's rule
-  (grid8, D^-1/2 A D^-1/2 plus unit self loops: torchmil's dataset graph) first; given neither, an
+  (grid8, D^-1/2 A D^-1/2, a self loop only on a one-instance bag: torchmil's dataset graph) first; given neither, an
   empty adjacency, as milkit uses no edges then.
 - Heads are binary (one logit): parity is for n_classes=1.
 """

@@ -33,8 +33,9 @@ Where torchmil 1.0.2 differs, and how `reference_outputs` reaches a deterministi
   does, for tests).
 - Losses: torchmil's `MinCutLoss` / `OrthoLoss` are milkit's `mincut` / `ortho` (batch means, each
   weighing 1). A bag without edges gives torchmil 0 / 0 = NaN in the min-cut loss; milkit gives 0.
-- The GCN layer has add_self_loops=True on top of the dataset graph's unit self loops, so each tile's
-  own features count twice (once per loop) before the linear map: both sides do this.
+- The GCN layer has add_self_loops=True: each tile's own features are added once more, unnormalised,
+  before the linear map (twice for a one-instance bag, whose dataset graph has a self loop): both
+  sides do this.
 - The transformer's MLP uses ReLU (torchmil's relprop encoder), not the GELU of torchmil's other
   encoders; milkit mirrors it (`mil_train.models.gtp.ClusterTransformerLayer`).
 - torchmil's head is binary (one logit): parity is for n_classes=1.

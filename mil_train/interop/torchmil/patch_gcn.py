@@ -2,8 +2,8 @@
 
 torchmil's PatchGCN is deterministic in eval mode; `reference_outputs` calls its forward with the
 graph milkit's model sees, as torchmil's sparse COO adjacency (`torchmil_adjacency`): the given
-edge_index / edge_weight, else the model's graph rule (grid8, D^-1/2 A D^-1/2 + unit self loops,
-torchmil's own dataset graph) over coords, else an empty adjacency. mask goes by keyword.
+edge_index / edge_weight, else the model's graph rule (grid8, D^-1/2 A D^-1/2, a self loop only
+on a one-instance bag: torchmil's own dataset graph) over coords, else an empty adjacency. mask goes by keyword.
 
 Where torchmil 1.0.2 differs from milkit's model:
 - it needs an adjacency for every call (a sparse (batch, bag, bag) tensor, which does not export);
