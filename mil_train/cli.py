@@ -7,6 +7,9 @@ DATA is one of
   - a classic MIL .csv (label, bag id, features; no header),
   - a torchmil folder (features/ and labels/ with one .npy/.h5 per bag),
   - a folder of CLAM/TRIDENT feature .h5 files, with `--labels table.csv` (columns slide_id,label).
+Graph and spatial models (CAMIL, GTP, PatchGCN, SETMIL, SmABMIL, SmTransformerABMIL) need tile coords:
+.h5 files with `coords`, or a torchmil folder with coords/; graph models get their graph built once
+from the coords by the rule the model records (the rule its exported file carries to mil-infer).
 The feature dimension comes from the data; binary 0/1 labels train one sigmoid logit, more classes
 a softmax. `--loss-weight NAME=W` weighs the loss term NAME (terms not named weigh 1; "cls" is the
 classification loss, a model card names its auxiliary terms); a NAME the model does not return stops

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,10 +61,42 @@ class MILModel(nn.Module):
         self.n_classes = n_classes
         self.config: dict[str, Any] = {"n_classes": n_classes, **config}
 
+    # Graph models set this to their named rule, e.g. mil_train.data.graphs.TORCHMIL_GRAPH_RULE.
+    default_graph_rule: dict[str, Any] | None = None
+    # What a graph model loses when it gets neither edges nor coords (said in the warning).
+    without_graph: str = "no instance has neighbours"
+
     @property
     def graph_rule(self) -> dict[str, Any] | None:
-        """The named graph rule ({"rule": ..., "params": ...}) for graph models, else None."""
-        return None
+        """The named graph rule ({"rule": ..., "params": ...}) for graph models, else None (a copy)."""
+        rule = self.default_graph_rule
+        return None if rule is None else {"rule": rule["rule"], "params": dict(rule.get("params") or {})}
+
+    def resolve_graph(
+        self,
+        edge_index: torch.Tensor | None,
+        edge_weight: torch.Tensor | None,
+        coords: torch.Tensor | None,
+        mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The edges a graph model runs on: as given; else `graph_rule` over coords (eager only: the
+        exported graph always receives its edges); else none, with a warning."""
+        if edge_index is not None:
+            return edge_index, edge_weight
+        if coords is not None:
+            from mil_train.data.graphs import batch_graph
+
+            rule = self.graph_rule
+            edge_index, edge_weight = batch_graph(
+                coords.cpu(), None if mask is None else mask.cpu(), rule["rule"], **rule["params"]
+            )
+            return edge_index.to(coords.device), edge_weight.to(coords.device)
+        warnings.warn(
+            f"{self.name} got neither edge_index nor coords, so {self.without_graph}; give the bags coords "
+            "or a graph (e.g. MILDataset(bags, graph_rule=model.graph_rule))",
+            stacklevel=3,
+        )
+        return None, None
 
     def forward(
         self,

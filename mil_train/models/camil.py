@@ -9,13 +9,12 @@ and an attention pool whose weights are scored on the global features but pool t
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
-from mil_train.data.graphs import TORCHMIL_GRAPH_RULE, batch_graph
+from mil_train.data.graphs import TORCHMIL_GRAPH_RULE
 from mil_train.models.base import MILModel, MILOutput, masked_softmax
 from mil_train.models.registry import register_model
 from mil_train.nn.attention_pool import AttentionPool
@@ -25,7 +24,6 @@ from mil_train.nn.nystrom_attention import NystromTransformerLayer
 # torchmil's CAMIL default n_landmarks=None reaches NystromAttention as `seq_len % None` and raises a
 # TypeError on the first forward; None here means NystromTransformerLayer's own default.
 DEFAULT_LANDMARKS = 256
-GRAPH_RULE = TORCHMIL_GRAPH_RULE  # torchmil's dataset graph (mil_train.data.graphs)
 
 
 @register_model
@@ -54,6 +52,8 @@ class CAMIL(MILModel):
 
     name = "CAMIL"
     uses_graph = True
+    default_graph_rule = TORCHMIL_GRAPH_RULE  # torchmil's dataset graph (mil_train.data.graphs)
+    without_graph = "no instance has neighbours and its local branch is uniform"
 
     def __init__(
         self,
@@ -95,26 +95,6 @@ class CAMIL(MILModel):
         self.pool = AttentionPool(dim, pool_att_dim, "tanh", gated_pool)
         self.classifier = nn.Linear(dim, n_classes)
 
-    @property
-    def graph_rule(self) -> dict[str, Any]:
-        return {"rule": GRAPH_RULE["rule"], "params": dict(GRAPH_RULE["params"])}
-
-    def _graph(self, edge_index, edge_weight, coords, mask):
-        if edge_index is not None:
-            return edge_index, edge_weight
-        if coords is not None:
-            rule = self.graph_rule
-            edge_index, edge_weight = batch_graph(
-                coords.cpu(), None if mask is None else mask.cpu(), rule["rule"], **rule["params"]
-            )
-            return edge_index.to(coords.device), edge_weight.to(coords.device)
-        warnings.warn(
-            "CAMIL got neither edge_index nor coords, so no instance has neighbours and its local branch "
-            "is uniform; give the bags coords or a graph (e.g. MILDataset(bags, graph_rule=model.graph_rule))",
-            stacklevel=3,
-        )
-        return torch.zeros(2, 0, dtype=torch.long), None
-
     def forward(
         self,
         X: torch.Tensor,
@@ -124,7 +104,9 @@ class CAMIL(MILModel):
         edge_weight: torch.Tensor | None = None,
         coords: torch.Tensor | None = None,
     ) -> MILOutput:
-        edge_index, edge_weight = self._graph(edge_index, edge_weight, coords, mask)
+        edge_index, edge_weight = self.resolve_graph(edge_index, edge_weight, coords, mask)
+        if edge_index is None:  # no neighbours: the local branch is uniform
+            edge_index = torch.zeros(2, 0, dtype=torch.long, device=X.device)
         if mask is not None:
             X = X.masked_fill(~mask.unsqueeze(-1), 0.0)  # (batch, bag, in_dim)
         T = self.transformer(self.fc1(X), mask)  # (batch, bag, dim), 0 on padding

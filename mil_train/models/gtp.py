@@ -10,19 +10,17 @@ the transformer sees n_clusters + 1 tokens whatever the bag size.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
-from mil_train.data.graphs import TORCHMIL_GRAPH_RULE, batch_graph
+from mil_train.data.graphs import TORCHMIL_GRAPH_RULE
 from mil_train.models.base import MILModel, MILOutput
 from mil_train.models.registry import register_model
 from mil_train.nn.gcn_conv import GCNConv
 from mil_train.nn.mincut_pool import cluster_assignments, mincut_losses, pool_features, propagate
 
-GRAPH_RULE = TORCHMIL_GRAPH_RULE  # torchmil's dataset graph (mil_train.data.graphs)
 
 
 class ClusterSelfAttention(nn.Module):
@@ -177,6 +175,8 @@ class GTP(MILModel):
 
     name = "GTP"
     uses_graph = True
+    default_graph_rule = TORCHMIL_GRAPH_RULE  # torchmil's dataset graph (mil_train.data.graphs)
+    without_graph = "its GCN sees no neighbours and the min-cut loss is 0"
 
     def __init__(
         self,
@@ -207,26 +207,6 @@ class GTP(MILModel):
         self.transformer = ClusterTransformer(in_dim, in_dim, att_dim, n_heads, n_layers, use_mlp, dropout)
         self.classifier = nn.Linear(in_dim, n_classes)
 
-    @property
-    def graph_rule(self) -> dict[str, Any]:
-        return {"rule": GRAPH_RULE["rule"], "params": dict(GRAPH_RULE["params"])}
-
-    def _graph(self, mask, edge_index, edge_weight, coords):
-        if edge_index is not None:
-            return edge_index, edge_weight
-        if coords is not None:
-            rule = self.graph_rule
-            edge_index, edge_weight = batch_graph(
-                coords.cpu(), None if mask is None else mask.cpu(), rule["rule"], **rule["params"]
-            )
-            return edge_index.to(coords.device), edge_weight.to(coords.device)
-        warnings.warn(
-            "GTP got neither edge_index nor coords: its GCN sees no neighbours and the min-cut loss is 0; "
-            "give the bags coords or a graph (e.g. MILDataset(bags, graph_rule='grid8'))",
-            stacklevel=3,
-        )
-        return None, None
-
     def _run(self, X, mask, edge_index, edge_weight):
         """(MILOutput, S (batch, bag, K)) for a graph already resolved."""
         if mask is not None:
@@ -251,14 +231,14 @@ class GTP(MILModel):
         edge_weight: torch.Tensor | None = None,
         coords: torch.Tensor | None = None,
     ) -> MILOutput:
-        edge_index, edge_weight = self._graph(mask, edge_index, edge_weight, coords)
+        edge_index, edge_weight = self.resolve_graph(edge_index, edge_weight, coords, mask)
         return self._run(X, mask, edge_index, edge_weight)[0]
 
     def compute_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(logits, {"cls", "mincut", "ortho"}): the two pooling losses are batch means, as torchmil's."""
         X, mask = batch["X"], batch.get("mask", None)
-        edge_index, edge_weight = self._graph(
-            mask, batch.get("edge_index", None), batch.get("edge_weight", None), batch.get("coords", None)
+        edge_index, edge_weight = self.resolve_graph(
+            batch.get("edge_index", None), batch.get("edge_weight", None), batch.get("coords", None), mask
         )
         out, S = self._run(X, mask, edge_index, edge_weight)
         mincut, ortho = mincut_losses(S, *propagate(S, edge_index, edge_weight))  # (batch,), (batch,)

@@ -5,20 +5,19 @@ using Patch-based Graph Convolutional Networks", MICCAI 2021, arXiv:2107.13048; 
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
-from mil_train.data.graphs import TORCHMIL_GRAPH_RULE, batch_graph
+from mil_train.data.graphs import TORCHMIL_GRAPH_RULE
 from mil_train.models.base import MILModel, MILOutput
 from mil_train.models.registry import register_model
 from mil_train.nn import AttentionPool
 from mil_train.nn.deep_gcn import DeepGCNLayer
-from mil_train.nn.gcn_conv import GCNConv, NeighbourTable, neighbour_table
+from mil_train.nn.gcn_conv import GCNConv
+from mil_train.nn.neighbour_table import NeighbourTable, neighbour_table
 
-GRAPH_RULE = TORCHMIL_GRAPH_RULE  # torchmil's dataset graph (mil_train.data.graphs)
 
 
 @register_model
@@ -50,6 +49,8 @@ class PatchGCN(MILModel):
 
     name = "PatchGCN"
     uses_graph = True
+    default_graph_rule = TORCHMIL_GRAPH_RULE  # torchmil's dataset graph (mil_train.data.graphs)
+    without_graph = "its graph has no edges and the convolutions see each tile alone"
 
     def __init__(
         self,
@@ -97,33 +98,6 @@ class PatchGCN(MILModel):
         self.pool = AttentionPool(hidden, att_dim)
         self.classifier = nn.Linear(hidden, n_classes)
 
-    @property
-    def graph_rule(self) -> dict[str, Any]:
-        return {"rule": GRAPH_RULE["rule"], "params": dict(GRAPH_RULE["params"])}
-
-    def graph(
-        self,
-        mask: torch.Tensor | None,
-        edge_index: torch.Tensor | None,
-        edge_weight: torch.Tensor | None,
-        coords: torch.Tensor | None,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The edges to convolve over: as given, else `graph_rule` over coords, else none (a warning)."""
-        if edge_index is not None:
-            return edge_index, edge_weight
-        if coords is not None:
-            rule = self.graph_rule
-            edge_index, edge_weight = batch_graph(
-                coords.cpu(), None if mask is None else mask.cpu(), rule["rule"], **rule["params"]
-            )
-            return edge_index.to(coords.device), edge_weight.to(coords.device)
-        warnings.warn(
-            "PatchGCN got neither edge_index nor coords, so its graph has no edges and the convolutions see "
-            "each tile alone; give the bags coords or a graph (e.g. MILDataset(bags, graph_rule=model.graph_rule))",
-            stacklevel=3,
-        )
-        return None, None
-
     def encode(self, X: torch.Tensor, mask: torch.Tensor | None, table: NeighbourTable | None) -> torch.Tensor:
         """Per-instance features the pool reads, (batch, bag, hidden); `table` is the graph (None: no edges).
 
@@ -157,7 +131,7 @@ class PatchGCN(MILModel):
         edge_weight: torch.Tensor | None = None,
         coords: torch.Tensor | None = None,
     ) -> MILOutput:
-        edge_index, edge_weight = self.graph(mask, edge_index, edge_weight, coords)
+        edge_index, edge_weight = self.resolve_graph(edge_index, edge_weight, coords, mask)
         table = None
         if edge_index is not None:  # the edges sorted into neighbour slots once, for every layer
             table = neighbour_table(edge_index, edge_weight, X.shape[0] * X.shape[1], X.dtype)

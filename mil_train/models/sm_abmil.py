@@ -8,48 +8,24 @@ comes from when a batch has none.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
-from mil_train.data.graphs import TORCHMIL_GRAPH_RULE, batch_graph
+from mil_train.data.graphs import TORCHMIL_GRAPH_RULE
 from mil_train.models.base import MILModel, MILOutput
 from mil_train.models.registry import register_model
 from mil_train.nn.sm_attention_pool import SmAttentionPool
 
-SM_GRAPH_RULE = TORCHMIL_GRAPH_RULE  # torchmil's dataset graph (mil_train.data.graphs)
 
 
 class SmGraphModel(MILModel):
-    """A model that smooths over the bag graph: edge_index / edge_weight inputs, rule `SM_GRAPH_RULE`."""
+    """A model that smooths over the bag graph: edge_index / edge_weight inputs, rule `TORCHMIL_GRAPH_RULE`."""
 
     uses_graph = True
-
-    @property
-    def graph_rule(self) -> dict[str, Any]:
-        return {"rule": SM_GRAPH_RULE["rule"], "params": dict(SM_GRAPH_RULE["params"])}
-
-    def resolve_graph(self, edge_index, edge_weight, coords, mask):
-        """The batch's graph; without one, the rule's graph over coords; without coords, no edges (warned).
-
-        With no edges Sm only rescales (approx: (1 - a) f per step; exact: f / (1 + c)).
-        """
-        if edge_index is not None:
-            return edge_index, edge_weight
-        if coords is not None:
-            rule = self.graph_rule
-            edge_index, edge_weight = batch_graph(
-                coords.cpu(), None if mask is None else mask.cpu(), rule["rule"], **rule["params"]
-            )
-            return edge_index.to(coords.device), edge_weight.to(coords.device)
-        warnings.warn(
-            f"{self.name} got neither edge_index nor coords: Sm has no neighbours and does not smooth; "
-            "give the bags coords or a graph (e.g. MILDataset(bags, graph_rule='grid8'))",
-            stacklevel=3,
-        )
-        return None, None
+    default_graph_rule = TORCHMIL_GRAPH_RULE  # torchmil's dataset graph (mil_train.data.graphs)
+    without_graph = "Sm has no neighbours and only rescales (approx: (1 - a) f per step; exact: f / (1 + c))"
 
 
 @register_model

@@ -46,9 +46,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mil_train.nn.neighbour_table import aggregate, neighbour_table
+
 MODES = ("approx", "exact")
 EXPORT_CG_STEPS = 32  # conjugate-gradient steps of the exported exact mode (see the module docstring)
-ELL_DEGREE = 8  # neighbour slots per node of the exported A: grid8 without self loops (`EdgeAdjacency`)
 
 
 def _coefficient(alpha: float | str) -> float | None:
@@ -69,16 +70,11 @@ class EdgeAdjacency:
     (A g)[s] = sum over edges (s, t) of w * g[t], in the flattened (batch * bag) node space. Two
     layouts, the same sums (tests/models/test_sm.py):
 
-    - "scatter" (eager, any edge list; and the exported A^T, used on one channel only): gather the
-      messages w * g[t] (E, C), `scatter_add` them onto s; the (E, C) index is expanded once.
-    - "ell" (the exported A): onnxruntime's ScatterElements costs ~40 ns per element, 5x torchmil's
-      whole SmABMIL at 10,000 instances, so the export builds once per run a padded neighbour table
-      (ELLPACK): slot k < ELL_DEGREE of node s holds its k-th edge's target and weight (1-D scatters
-      of E elements), then every application is one Gather of (nodes * ELL_DEGREE, C) rows and a
-      batched (nodes, 1, k) x (nodes, k, C) MatMul. The slot of an edge is its position minus the first position of its source,
-      which needs the edges sorted by source (both graph builders emit (source, target) order) and
-      at most ELL_DEGREE edges per node (8 on grid8 without self loops, the Sm models' rule). An
-      edge list that breaks either makes every output NaN (never a silently wrong sum).
+    - "scatter" (eager, and the exported A^T, used on one channel only): gather the messages
+      w * g[t] (E, C), `scatter_add` them onto s.
+    - "table" (the exported A): `mil_train.nn.neighbour_table`, built once per forward and applied
+      every step as one gather and a batched contraction; onnxruntime's ScatterElements-add would
+      cost ~40 ns per element, 5x torchmil's whole SmABMIL at 10,000 instances.
     """
 
     def __init__(
@@ -95,51 +91,28 @@ class EdgeAdjacency:
         if self.empty:
             return
         if layout is None:
-            layout = "ell" if torch.compiler.is_exporting() and not transpose else "scatter"
+            layout = "table" if torch.compiler.is_exporting() and not transpose else "scatter"
         self.layout = layout
         rows, cols = (edge_index[1], edge_index[0]) if transpose else (edge_index[0], edge_index[1])
         if edge_weight is None:
             edge_weight = torch.ones(edge_index.shape[1], dtype=dtype, device=edge_index.device)
         edge_weight = edge_weight.to(dtype)  # (E,)
-        if layout == "ell":
-            self._build_ell(rows, cols, edge_weight, shape[0] * shape[1])
+        if layout == "table":
+            self.table = neighbour_table(torch.stack([rows, cols]), edge_weight, shape[0] * shape[1], dtype)
         else:
             self.cols = cols  # (E,) nodes read
             self.weight = edge_weight[:, None]  # (E, 1)
             self.index = rows[:, None].expand(-1, shape[2])  # (E, C) nodes written
 
-    def _build_ell(self, rows, cols, weight, n_nodes) -> None:
-        k = ELL_DEGREE
-        degree = torch.zeros(n_nodes, dtype=torch.long, device=rows.device).scatter_add(
-            0, rows, torch.ones_like(rows)
-        )  # (nodes,)
-        first = torch.cumsum(degree, dim=0) - degree  # (nodes,) position of each node's first edge
-        slot = torch.arange(rows.shape[0], device=rows.device) - first.index_select(0, rows)  # (E,)
-        # every edge inside its source's block [first, first + degree) <=> the edges are sorted by source
-        in_block = (slot >= 0) & (slot < degree.index_select(0, rows))  # (E,)
-        valid = in_block & (slot < k)  # (E,)
-        dump = n_nodes * k  # one extra slot that the invalid edges write to, then dropped
-        position = torch.where(valid, rows * k + slot, dump)  # (E,)
-        targets = torch.zeros(dump + 1, dtype=cols.dtype, device=cols.device).scatter(0, position, cols)
-        weights = torch.zeros(dump + 1, dtype=weight.dtype, device=weight.device).scatter(
-            0, position, torch.where(valid, weight, 0.0)
-        )
-        self.targets = targets[:dump]  # (nodes * k,)
-        self.ell_weight = weights[:dump].reshape(n_nodes, 1, k)  # (nodes, 1, k)
-        usable = in_block.all() & (degree <= k).all()  # () True for an empty edge list too
-        self.poison = torch.where(usable, 0.0, float("nan")).to(weight.dtype)  # ()
-
     def __call__(self, g: torch.Tensor) -> torch.Tensor:
         if self.empty:
             return torch.zeros_like(g)
+        if self.layout == "table":
+            return aggregate(g, self.table)  # (batch, bag, C)
         batch, bag, channels = g.shape
         flat = g.reshape(batch * bag, channels)  # (batch * bag, C)
-        if self.layout == "ell":
-            neighbours = flat.index_select(0, self.targets).reshape(batch * bag, ELL_DEGREE, channels)  # (nodes, k, C)
-            out = torch.matmul(self.ell_weight, neighbours).squeeze(1) + self.poison  # (nodes, C)
-        else:
-            messages = flat.index_select(0, self.cols) * self.weight  # (E, C)
-            out = torch.zeros_like(flat).scatter_add(0, self.index, messages)  # (batch * bag, C)
+        messages = flat.index_select(0, self.cols) * self.weight  # (E, C)
+        out = torch.zeros_like(flat).scatter_add(0, self.index, messages)  # (batch * bag, C)
         return out.reshape(batch, bag, channels)
 
 

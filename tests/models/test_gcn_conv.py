@@ -15,7 +15,8 @@ import torch
 import mil_train.models  # noqa: F401  (registers models; mil_train.nn imports mil_train.models.base)
 from mil_train.data.graphs import batch_graph
 from mil_train.nn.deep_gcn import BLOCKS, DeepGCNLayer
-from mil_train.nn.gcn_conv import AGGREGATION_CHUNK, GCNConv, aggregate, neighbour_table
+from mil_train.nn.gcn_conv import GCNConv
+from mil_train.nn.neighbour_table import AGGREGATION_CHUNK, aggregate, neighbour_table
 
 TOL = 1e-5  # the project's torchmil rule: |a - b| <= 1e-5 + 1e-5 |b|
 

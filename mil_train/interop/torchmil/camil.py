@@ -96,7 +96,7 @@ class CAMILAdapter(TorchmilAdapter):
         batch, bag = X.shape[0], X.shape[1]
         if edge_index is None and coords is not None:
             from mil_train.data.graphs import batch_graph
-            from mil_train.models.camil import GRAPH_RULE
+            from mil_train.data.graphs import TORCHMIL_GRAPH_RULE as GRAPH_RULE
 
             edge_index, edge_weight = batch_graph(coords, mask, GRAPH_RULE["rule"], **GRAPH_RULE["params"])
         if edge_index is None:

@@ -87,7 +87,8 @@ class GTPAdapter(TorchmilAdapter):
         return out
 
     def reference_outputs(self, reference, X, mask, *, edge_index=None, edge_weight=None, coords=None):
-        from mil_train.models.gtp import GRAPH_RULE, attention_rollout, instance_attention
+        from mil_train.data.graphs import TORCHMIL_GRAPH_RULE as GRAPH_RULE
+        from mil_train.models.gtp import attention_rollout, instance_attention
         from mil_train.nn.mincut_pool import cluster_assignments
 
         batch, bag = X.shape[0], X.shape[1]

@@ -68,7 +68,7 @@ class PatchGCNAdapter(TorchmilAdapter):
     def reference_outputs(self, reference, X, mask, *, edge_index=None, edge_weight=None, coords=None):
         batch, bag = X.shape[:2]
         if edge_index is None and coords is not None:
-            from mil_train.models.patch_gcn import GRAPH_RULE
+            from mil_train.data.graphs import TORCHMIL_GRAPH_RULE as GRAPH_RULE
             from mil_train.data.graphs import batch_graph
 
             edge_index, edge_weight = batch_graph(coords, mask, GRAPH_RULE["rule"], **GRAPH_RULE["params"])

@@ -78,7 +78,7 @@ class SmABMILAdapter(TorchmilAdapter):
         return rename(state, TOP_RENAMES, "SmABMIL")
 
     def reference_outputs(self, reference, X, mask, *, edge_index=None, edge_weight=None, coords=None):
-        from mil_train.models.sm_abmil import SM_GRAPH_RULE
+        from mil_train.data.graphs import TORCHMIL_GRAPH_RULE as SM_GRAPH_RULE
 
         adj = reference_adjacency(SM_GRAPH_RULE, X, mask, edge_index, edge_weight, coords, "exact" in sm_modes(reference))
         logits, scores = reference(X, adj, mask, return_att=True)  # (batch,), (batch, bag) before softmax
