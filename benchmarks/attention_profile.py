@@ -1,4 +1,4 @@
-"""onnxruntime time, peak RSS and profile of the exported full self-attention models.
+"""onnxruntime time, peak RSS and profile of exported models (by default the full self-attention ones).
 
     python benchmarks/attention_profile.py [--models TransformerABMIL,IIBMIL] [--sizes 1000,5000,10000]
                                            [--repeats 3] [--top 6] [--no-torchmil] [--no-profile]
@@ -31,18 +31,21 @@ from pathlib import Path
 
 import numpy as np
 
-from inference import current_rss_mb, peak_rss_mb, prepare_model, reset_peak_rss, setup_torchmil
+from inference import bag_inputs, current_rss_mb, peak_rss_mb, prepare_model, reset_peak_rss, setup_torchmil
 
 DEFAULT_MODELS = ("TransformerABMIL", "IIBMIL")
 DEFAULT_SIZES = (1_000, 5_000, 10_000)
-IN_DIM = 1024
-SEED = 0
 
 
-def ort_feeds(size: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(SEED + size)
-    features = rng.standard_normal((1, size, IN_DIM), dtype=np.float32)  # (1, N, D)
-    return {"features": features, "mask": np.ones((1, size), dtype=bool)}
+def ort_feeds(spec: dict) -> dict[str, np.ndarray]:
+    """The contract feeds of one bag, as `benchmarks/inference.py` builds them (graph models: the grid
+    coords and the graph the runtime builds from them by the model's rule)."""
+    from mil_runtime import load_model
+
+    inputs = bag_inputs(spec["size"], spec)
+    features = inputs["features"][None]  # (1, N, D)
+    runner = load_model(spec["onnx"], device="cpu")
+    return runner._feeds(features, np.ones(features.shape[:2], dtype=bool), [inputs["coords"]])
 
 
 def top_ops(profile_path: str, top: int) -> list[tuple[str, float, float]]:
@@ -60,7 +63,7 @@ def ort_worker(spec: dict) -> dict:
     import onnxruntime as ort
 
     threads = os.cpu_count() or 1
-    feeds = ort_feeds(spec["size"])
+    feeds = ort_feeds(spec)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(spec["onnx"], options, providers=["CPUExecutionProvider"])
@@ -87,8 +90,7 @@ def ort_worker(spec: dict) -> dict:
 
 
 def torchmil_worker(spec: dict) -> dict:
-    features = ort_feeds(spec["size"])["features"][0]  # (N, D)
-    call = setup_torchmil(spec, {"features": features, "coords": None})
+    call = setup_torchmil(spec, bag_inputs(spec["size"], spec))
     reset_peak_rss()
     before = current_rss_mb()
     call()

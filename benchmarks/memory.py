@@ -10,10 +10,11 @@ models), N in --sizes. Weights, export and the variants are those of benchmarks/
   ort_session  the exported model in a bare onnxruntime session, feeds built once (never imports torch)
   milkit       the milkit model in eager PyTorch under torch.inference_mode
   torchmil     torchmil 1.0.2's model on its deterministic eval path (where milkit has an adapter)
-Each (model, N, variant) runs in a fresh process that sets up the variant, calls it once (warm-up),
-resets the kernel's peak-RSS mark and calls it again: the table gives that call's wall time, the
-process's peak RSS during it (libraries, weights and input included) and, in brackets, how far the
-peak rose above the RSS just before the call. The parent polls each worker's RSS every 20 ms and kills
+Each (model, N, variant) runs in a fresh process that sets up the variant and calls it twice, resetting
+the kernel's peak-RSS mark before each call. The table gives the second (warm) call's wall time, then
+the process's peak RSS during the first call (one bag in a fresh session: libraries, weights and input
+included) and during the second. The second can be higher: onnxruntime's CPU memory arena keeps the
+first call's blocks and, where they do not fit the second call's requests, takes more. The parent polls each worker's RSS every 20 ms and kills
 it above --limit-gb, so that a model that builds N x N tensors cannot take the machine down; such a
 cell reads "> limit (killed)". Models that declare `max_bag_size` skip larger sizes.
 """
@@ -42,15 +43,15 @@ POLL_S = 0.02
 def worker(spec: dict) -> dict:
     inputs = inference.bag_inputs(spec["size"], spec)
     call = inference.SETUPS[spec["variant"]](spec, inputs)
-    call()  # warm-up: session allocations, lazy initialisation
-    before = inference.current_rss_mb()
     was_reset = inference.reset_peak_rss()
+    call()  # cold: one bag in a fresh session
+    first_peak = inference.peak_rss_mb()
+    inference.reset_peak_rss()
     start = time.perf_counter()
     call()
     seconds = time.perf_counter() - start
-    peak = inference.peak_rss_mb()
-    return {"seconds": seconds, "peak_mb": peak, "rise_mb": peak - before, "reset": was_reset,
-            "torch_imported": "torch" in sys.modules}
+    return {"seconds": seconds, "first_peak_mb": first_peak, "second_peak_mb": inference.peak_rss_mb(),
+            "reset": was_reset, "torch_imported": "torch" in sys.modules}
 
 
 def _rss_mb(pid: int) -> float:
@@ -96,14 +97,17 @@ def cell(result: dict | None) -> str:
         return result["killed"]
     if "error" in result:
         return f"failed ({result['error'][:80]})"
-    return f"{result['seconds'] * 1e3:,.0f} ms, {result['peak_mb'] / 1024:.2f} GB (+{result['rise_mb'] / 1024:.2f})"
+    star = "" if result.get("reset", True) else "*"
+    return (f"{result['seconds'] * 1e3:,.0f} ms, {result['first_peak_mb'] / 1024:.2f} / "
+            f"{result['second_peak_mb'] / 1024:.2f} GB{star}")
 
 
 def markdown(rows: list[dict], variants: list[str], command: str, limit_gb: float) -> str:
     head = "| model | N | " + " | ".join(LABELS[v] for v in variants) + " |"
     lines = [
-        f"Machine: {inference.machine()}. Command: `{command}`. Each cell: the second call's wall time, "
-        f"peak RSS of its process (rise over the RSS before the call); workers killed above {limit_gb:g} GB.",
+        f"Machine: {inference.machine()}. Command: `{command}`. Each cell: the second (warm) call's wall "
+        f"time, then the process's peak RSS during the first call / during the second (* = the peak could "
+        f"not be reset: whole-process peaks); workers killed above {limit_gb:g} GB.",
         "",
         head,
         "|" + "---|" * (len(variants) + 2),
