@@ -125,8 +125,10 @@ class MILRunner(SessionRunner):
         if not np.issubdtype(features.dtype, np.number):
             raise InvalidInputError(f"{source}: features have dtype {features.dtype}, expected floats")
         features = np.ascontiguousarray(features, dtype=np.float32)  # (N, D)
-        with np.errstate(invalid="ignore"):  # one reduction: NaN or Inf anywhere makes the sum non-finite
-            clean = bool(np.isfinite(features.sum(dtype=np.float64)))
+        # One float32 reduction: NaN or Inf anywhere makes the sum non-finite. Huge finite values can
+        # overflow it too; the row scan below then finds nothing and the bag passes.
+        with np.errstate(invalid="ignore", over="ignore"):
+            clean = bool(np.isfinite(features.sum()))
         if clean:
             return features
         nan_rows = np.isnan(features).any(axis=1)  # (N,) located only when the reduction tripped
@@ -238,11 +240,7 @@ class MILRunner(SessionRunner):
             checked_coords.append(self._check_coords(bag_coords, len(bag_features), source))
 
         sizes = [len(f) for f in checked_features]
-        features = np.zeros((len(bags), max(sizes), self.metadata.feature_dim), dtype=np.float32)  # (B, N, D)
-        mask = np.zeros((len(bags), max(sizes)), dtype=bool)  # (B, N)
-        for b, bag_features in enumerate(checked_features):
-            features[b, : sizes[b]] = bag_features
-            mask[b, : sizes[b]] = True
+        features, mask = _padded(checked_features, sizes)
         outputs = self._run(self._feeds(features, mask, checked_coords))
         by_class = outputs.get(contract.ATTENTION_BY_CLASS)  # (B, C, N) or None
         return [
@@ -254,6 +252,18 @@ class MILRunner(SessionRunner):
             )
             for b in range(len(bags))
         ]
+
+
+def _padded(bags: list[np.ndarray], sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(B, N, D) features padded with zeros and their (B, N) mask; one bag is a view, never a copy."""
+    if len(bags) == 1:
+        return bags[0][None], np.ones((1, sizes[0]), dtype=bool)  # (1, N, D), (1, N)
+    features = np.zeros((len(bags), max(sizes), bags[0].shape[1]), dtype=np.float32)  # (B, N, D)
+    mask = np.zeros((len(bags), max(sizes)), dtype=bool)  # (B, N)
+    for b, bag_features in enumerate(bags):
+        features[b, : sizes[b]] = bag_features
+        mask[b, : sizes[b]] = True
+    return features, mask
 
 
 def load_model(path: str | os.PathLike, device: str = "auto", threads: int | None = None) -> MILRunner:

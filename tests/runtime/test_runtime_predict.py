@@ -75,6 +75,34 @@ def test_predict_batch_pads_and_matches_each_bag(multiclass_model):
         assert prediction.attention.shape == (len(bag),)
 
 
+def test_one_bag_goes_to_the_session_without_a_copy(binary_model, monkeypatch):
+    """predict feeds a single float32 bag to onnxruntime as a view of the caller's array (no padded copy)."""
+    runner = load_model(binary_model[1])
+    features = np.random.default_rng(0).standard_normal((7, FEATURE_DIM)).astype(np.float32)
+    seen = {}
+    real_run = runner._run
+
+    def spy(feeds):
+        seen.update(feeds)
+        return real_run(feeds)
+
+    monkeypatch.setattr(runner, "_run", spy)
+    alone = runner.predict(features)
+    assert np.shares_memory(seen["features"], features) and seen["mask"].all()
+    batched = runner.predict_batch([features, features[:3]])[0]  # a padded copy, the same answer
+    np.testing.assert_allclose(alone.logits, batched.logits, rtol=0, atol=1e-5)
+
+
+def test_huge_finite_features_that_overflow_the_check_sum_still_pass(binary_model):
+    """The finiteness check is one float32 sum; rows of 3e38 overflow it, the row scan then finds no
+    NaN or Inf, and the bag is predicted."""
+    runner = load_model(binary_model[1])
+    features = np.full((4, FEATURE_DIM), 3e38, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(features.sum())
+    runner.predict(features)  # no InvalidInputError
+
+
 @pytest.mark.faults
 def test_refusals_name_the_problem(binary_model):
     runner = load_model(binary_model[1])
