@@ -319,6 +319,29 @@ def test_no_exported_tensor_has_two_bag_axes(exported, name):
     assert not offenders, f"{name}: tensors with two bag axes: {offenders[:5]}"
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_no_accumulating_scatter_nd_in_the_exported_graph(exported, name):
+    """DESIGN section 4: index_add / index_put(accumulate=True) export to ScatterND with reduction add,
+    which onnxruntime sums wrongly and run-to-run differently on several threads; sums over repeated
+    indices must be ScatterElements (scatter_add) or gathers. Subgraphs included."""
+
+    def nodes(graph):
+        for node in graph.node:
+            yield node
+            for attribute in node.attribute:
+                subgraphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+                for subgraph in subgraphs:
+                    yield from nodes(subgraph)
+
+    _, path, _ = exported(name, 1)
+    offenders = [
+        node.name for node in nodes(onnx.load(str(path)).graph)
+        if node.op_type == "ScatterND"
+        and any(a.name == "reduction" and onnx.helper.get_attribute_value(a) != b"none" for a in node.attribute)
+    ]
+    assert not offenders, f"{name}: accumulating ScatterND nodes {offenders[:5]}"
+
+
 BAG_FOR_SHAPES = 301  # larger than every width of the test configs, so only bag-sized axes reach it
 
 
