@@ -20,6 +20,7 @@ from mil_train.models.base import MILModel, MILOutput
 from mil_train.models.registry import register_model
 from mil_train.nn.gcn_conv import GCNConv
 from mil_train.nn.mincut_pool import cluster_assignments, mincut_losses, pool_features, propagate
+from mil_train.nn.transformer import PreNormLayer
 
 
 
@@ -52,44 +53,26 @@ class ClusterSelfAttention(nn.Module):
         return Y.transpose(1, 2).reshape(batch, tokens, self.att_dim), weights  # (batch, tokens, att_dim)
 
 
-class ClusterTransformerLayer(nn.Module):
+class ClusterTransformerLayer(PreNormLayer):
     """torchmil's relprop `TransformerLayer`: pre-norm attention with a (projected) skip, ReLU MLP.
 
         Z = skip_proj(X) + Attention(LayerNorm(X))      skip_proj: Linear(in_dim, att_dim) or identity
         Z = Z + MLP(LayerNorm(Z))                       when use_mlp; att_dim -> 4 att_dim -> att_dim, ReLU
         Y = out_proj(Z)                                 Linear(att_dim, out_dim) or identity
 
-    The layout of `mil_train.nn.transformer.TransformerEncoderLayer` (same parameter names, so
-    `convert_torchmil_state_dict` maps torchmil's keys), but its MLP uses GELU where GTP's relprop
-    encoder uses ReLU, and it hides the attention weights inside a fused kernel: hence this layer.
+    `mil_train.nn.transformer.PreNormLayer` (same parameter names, so `convert_torchmil_state_dict`
+    maps torchmil's keys) with a ReLU MLP and an attention that returns its weights (the fused one of
+    `TransformerEncoderLayer` hides them).
     """
 
     def __init__(self, in_dim: int, out_dim: int, att_dim: int, n_heads: int, use_mlp: bool, dropout: float) -> None:
-        super().__init__()
-        self.attention_norm = nn.LayerNorm(in_dim)
-        self.attention = ClusterSelfAttention(in_dim, att_dim, n_heads, dropout)
-        self.skip_proj = nn.Linear(in_dim, att_dim) if in_dim != att_dim else nn.Identity()
-        self.mlp_norm = nn.LayerNorm(att_dim) if use_mlp else None
-        self.mlp = (
-            nn.Sequential(
-                nn.Linear(att_dim, 4 * att_dim),
-                nn.ReLU(),
-                nn.Dropout(dropout),
-                nn.Linear(4 * att_dim, att_dim),
-                nn.Dropout(dropout),
-            )
-            if use_mlp
-            else None
-        )
-        self.out_proj = nn.Linear(att_dim, out_dim) if out_dim != att_dim else nn.Identity()
+        attention = ClusterSelfAttention(in_dim, att_dim, n_heads, dropout)
+        super().__init__(in_dim, out_dim, att_dim, attention, use_mlp, dropout, activation=nn.ReLU)
 
     def forward(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """X (batch, tokens, in_dim) -> (Y (batch, tokens, out_dim), weights (batch, heads, tokens, tokens))."""
         attended, weights = self.attention(self.attention_norm(X))  # (batch, tokens, att_dim)
-        Z = self.skip_proj(X) + attended  # (batch, tokens, att_dim)
-        if self.mlp is not None:
-            Z = Z + self.mlp(self.mlp_norm(Z))  # (batch, tokens, att_dim)
-        return self.out_proj(Z), weights  # (batch, tokens, out_dim)
+        return self.finish(X, attended), weights  # (batch, tokens, out_dim)
 
 
 class ClusterTransformer(nn.Module):

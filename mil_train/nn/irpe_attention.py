@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from mil_train.nn.relative_position import ProductBuckets, contextual_key_bias
+from mil_train.nn.transformer import PreNormLayer
 
 SUPPORTED = {"rpe_method": "product", "rpe_mode": "contextual", "rpe_on": "k", "rpe_skip": 1}
 
@@ -166,8 +167,8 @@ class IRPEMultiheadSelfAttention(nn.Module):
         return self.out_proj(self._merge(weights, value)), class_weights  # (batch, 1, out_dim), (batch, L)
 
 
-class IRPETransformerLayer(nn.Module):
-    """Pre-norm layer: Z = skip_proj(X) + iRPE-attention(LayerNorm(X)); Z += MLP(LayerNorm(Z)); out_proj."""
+class IRPETransformerLayer(PreNormLayer):
+    """`PreNormLayer` around iRPE self-attention."""
 
     def __init__(
         self,
@@ -179,40 +180,18 @@ class IRPETransformerLayer(nn.Module):
         dropout: float = 0.0,
         **rpe,
     ) -> None:
-        super().__init__()
-        out_dim = in_dim if out_dim is None else out_dim
-        self.attention_norm = nn.LayerNorm(in_dim)
-        self.attention = IRPEMultiheadSelfAttention(in_dim, att_dim, att_dim, n_heads, dropout, **rpe)
-        self.skip_proj = nn.Linear(in_dim, att_dim) if in_dim != att_dim else nn.Identity()
-        self.mlp_norm = nn.LayerNorm(att_dim) if use_mlp else None
-        self.mlp = (
-            nn.Sequential(
-                nn.Linear(att_dim, 4 * att_dim),
-                nn.GELU(),
-                nn.Dropout(dropout),
-                nn.Linear(4 * att_dim, att_dim),
-                nn.Dropout(dropout),
-            )
-            if use_mlp
-            else None
-        )
-        self.out_proj = nn.Linear(att_dim, out_dim) if out_dim != att_dim else nn.Identity()
+        attention = IRPEMultiheadSelfAttention(in_dim, att_dim, att_dim, n_heads, dropout, **rpe)
+        super().__init__(in_dim, out_dim, att_dim, attention, use_mlp, dropout)
 
     def forward(self, X: torch.Tensor, token_mask: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every token: (batch, L, in_dim) -> (batch, L, out_dim), and the class token's weights (batch, L)."""
         attended, class_weights = self.attention(self.attention_norm(X), token_mask, side)  # (batch, L, att_dim)
-        return self._finish(X, attended), class_weights
+        return self.finish(X, attended), class_weights
 
     def class_token(self, X: torch.Tensor, token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The class token only: (batch, L, in_dim) -> (batch, 1, out_dim), its weights (batch, L)."""
         attended, class_weights = self.attention.class_token(self.attention_norm(X), token_mask)  # (batch, 1, att_dim)
-        return self._finish(X[:, :1], attended), class_weights
-
-    def _finish(self, X: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        Z = self.skip_proj(X) + attended  # (batch, q, att_dim)
-        if self.mlp is not None:
-            Z = Z + self.mlp(self.mlp_norm(Z))  # (batch, q, att_dim)
-        return self.out_proj(Z)  # (batch, q, out_dim)
+        return self.finish(X[:, :1], attended), class_weights
 
 
 class IRPETransformerEncoder(nn.Module):

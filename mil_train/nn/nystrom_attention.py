@@ -45,6 +45,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mil_train.nn.transformer import PreNormLayer
+
 # What a padded key scores before a softmax: the float32 minimum, so exp(score - max) is exactly 0
 # beside any real score and no -inf enters (torchmil masks with -finfo.max too).
 MASKED_SCORE = torch.finfo(torch.float32).min
@@ -201,7 +203,7 @@ class NystromAttention(nn.Module):
         return att
 
 
-class NystromTransformerLayer(nn.Module):
+class NystromTransformerLayer(PreNormLayer):
     """Pre-norm layer: Z = skip_proj(X) + NystromAttention(LayerNorm(X)); Z += MLP(LayerNorm(Z)) when
     use_mlp; Y = out_proj(Z). torchmil's NystromTransformerLayer, same constructor arguments.
 
@@ -224,10 +226,7 @@ class NystromTransformerLayer(nn.Module):
         dropout: float = 0.0,
         use_mlp: bool = False,
     ) -> None:
-        super().__init__()
-        out_dim = in_dim if out_dim is None else out_dim
-        self.attention_norm = nn.LayerNorm(in_dim)
-        self.attention = NystromAttention(
+        attention = NystromAttention(
             in_dim=in_dim,
             out_dim=att_dim,
             att_dim=att_dim,
@@ -236,20 +235,7 @@ class NystromTransformerLayer(nn.Module):
             n_landmarks=n_landmarks,
             pinv_iterations=pinv_iterations,
         )
-        self.skip_proj = nn.Linear(in_dim, att_dim) if in_dim != att_dim else nn.Identity()
-        self.mlp_norm = nn.LayerNorm(att_dim) if use_mlp else None
-        self.mlp = (
-            nn.Sequential(
-                nn.Linear(att_dim, 4 * att_dim),
-                nn.GELU(),
-                nn.Dropout(dropout),
-                nn.Linear(4 * att_dim, att_dim),
-                nn.Dropout(dropout),
-            )
-            if use_mlp
-            else None
-        )
-        self.out_proj = nn.Linear(att_dim, out_dim) if out_dim != att_dim else nn.Identity()
+        super().__init__(in_dim, out_dim, att_dim, attention, use_mlp, dropout)
 
     def forward(
         self, X: torch.Tensor, mask: torch.Tensor | None = None, return_first_row: bool = False
@@ -264,10 +250,7 @@ class NystromTransformerLayer(nn.Module):
         attended = self.attention(self.attention_norm(X), mask, return_first_row=return_first_row)
         if return_first_row:
             attended, first_row = attended  # (batch, tokens, att_dim), (batch, heads, tokens)
-        Z = self.skip_proj(X) + attended  # (batch, tokens, att_dim)
-        if self.mlp is not None:
-            Z = Z + self.mlp(self.mlp_norm(Z))  # (batch, tokens, att_dim)
-        Y = self.out_proj(Z)  # (batch, tokens, out_dim)
+        Y = self.finish(X, attended)  # (batch, tokens, out_dim)
         if mask is not None:
             Y = torch.where(mask[:, :, None], Y, torch.zeros_like(Y))  # (batch, tokens, out_dim)
         return (Y, first_row) if return_first_row else Y

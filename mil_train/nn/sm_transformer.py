@@ -62,10 +62,7 @@ class SmTransformerEncoderLayer(TransformerEncoderLayer):
     ) -> torch.Tensor:
         """X: (batch, bag, in_dim), 0 on padding; returns (batch, bag, out_dim)."""
         attended = self.attention(self.attention_norm(X), mask)  # (batch, bag, att_dim), 0 on padding
-        Z = self.skip_proj(X) + self.sm(attended, edge_index, edge_weight)  # (batch, bag, att_dim)
-        if self.mlp is not None:
-            Z = Z + self.mlp(self.mlp_norm(Z))  # (batch, bag, att_dim)
-        return self.out_proj(Z)  # (batch, bag, out_dim)
+        return self.finish(X, self.sm(attended, edge_index, edge_weight))  # (batch, bag, out_dim)
 
 
 class SmTransformerEncoder(nn.Module):

@@ -100,8 +100,58 @@ def max_bag_for_attention(n_heads: int, extra_tokens: int = 0, budget_bytes: int
     return tokens - extra_tokens
 
 
-class TransformerEncoderLayer(nn.Module):
-    """One pre-norm layer: attention with a (projected) skip, optional MLP with a skip, optional out_proj."""
+class PreNormLayer(nn.Module):
+    """The pre-norm layer every transformer here shares, around an attention module of its own:
+
+        attended = attention(LayerNorm(X))                  (the subclass calls its attention)
+        Z = skip_proj(X) + attended                         Linear(in_dim, att_dim) or identity
+        Z = Z + MLP(LayerNorm(Z))                           att_dim -> 4 att_dim -> att_dim, when use_mlp
+        Y = out_proj(Z)                                     Linear(att_dim, out_dim) or identity
+
+    Parameter names (attention_norm, attention, skip_proj, mlp_norm, mlp, out_proj) are torchmil's
+    layout, which the state-dict converters rely on. `activation` is the MLP's (torchmil: GELU; GTP's
+    relprop encoder: ReLU).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int | None,
+        att_dim: int,
+        attention: nn.Module,
+        use_mlp: bool = True,
+        dropout: float = 0.0,
+        activation: type[nn.Module] = nn.GELU,
+    ) -> None:
+        super().__init__()
+        out_dim = in_dim if out_dim is None else out_dim
+        self.attention_norm = nn.LayerNorm(in_dim)
+        self.attention = attention
+        self.skip_proj = nn.Linear(in_dim, att_dim) if in_dim != att_dim else nn.Identity()
+        self.mlp_norm = nn.LayerNorm(att_dim) if use_mlp else None
+        self.mlp = (
+            nn.Sequential(
+                nn.Linear(att_dim, 4 * att_dim),
+                activation(),
+                nn.Dropout(dropout),
+                nn.Linear(4 * att_dim, att_dim),
+                nn.Dropout(dropout),
+            )
+            if use_mlp
+            else None
+        )
+        self.out_proj = nn.Linear(att_dim, out_dim) if out_dim != att_dim else nn.Identity()
+
+    def finish(self, X: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The rest of the layer after attention: X (batch, q, in_dim), attended (batch, q, att_dim)."""
+        Z = self.skip_proj(X) + attended  # (batch, q, att_dim)
+        if self.mlp is not None:
+            Z = Z + self.mlp(self.mlp_norm(Z))  # (batch, q, att_dim)
+        return self.out_proj(Z)  # (batch, q, out_dim)
+
+
+class TransformerEncoderLayer(PreNormLayer):
+    """One pre-norm layer with masked multi-head self-attention (`PreNormLayer`)."""
 
     def __init__(
         self,
@@ -112,31 +162,12 @@ class TransformerEncoderLayer(nn.Module):
         use_mlp: bool = True,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__()
-        out_dim = in_dim if out_dim is None else out_dim
-        self.attention_norm = nn.LayerNorm(in_dim)
-        self.attention = MultiheadSelfAttention(in_dim, att_dim, att_dim, n_heads, dropout)
-        self.skip_proj = nn.Linear(in_dim, att_dim) if in_dim != att_dim else nn.Identity()
-        self.mlp_norm = nn.LayerNorm(att_dim) if use_mlp else None
-        self.mlp = (
-            nn.Sequential(
-                nn.Linear(att_dim, 4 * att_dim),
-                nn.GELU(),
-                nn.Dropout(dropout),
-                nn.Linear(4 * att_dim, att_dim),
-                nn.Dropout(dropout),
-            )
-            if use_mlp
-            else None
-        )
-        self.out_proj = nn.Linear(att_dim, out_dim) if out_dim != att_dim else nn.Identity()
+        attention = MultiheadSelfAttention(in_dim, att_dim, att_dim, n_heads, dropout)
+        super().__init__(in_dim, out_dim, att_dim, attention, use_mlp, dropout)
 
     def forward(self, X: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """X: (batch, bag, in_dim) with finite padded rows; returns (batch, bag, out_dim)."""
-        Z = self.skip_proj(X) + self.attention(self.attention_norm(X), mask)  # (batch, bag, att_dim)
-        if self.mlp is not None:
-            Z = Z + self.mlp(self.mlp_norm(Z))  # (batch, bag, att_dim)
-        return self.out_proj(Z)  # (batch, bag, out_dim)
+        return self.finish(X, self.attention(self.attention_norm(X), mask))  # (batch, bag, out_dim)
 
 
 class TransformerEncoder(nn.Module):
