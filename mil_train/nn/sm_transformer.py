@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from mil_train.nn.sm import Sm
-from mil_train.nn.transformer import TransformerEncoderLayer, convert_torchmil_state_dict
+from mil_train.nn.transformer import TransformerEncoder, TransformerEncoderLayer, convert_torchmil_state_dict
 
 _TORCHMIL_SM_KEY = re.compile(r"^layers\.(\d+)\.att_module\.sm\.sm\.(.+)$")
 
@@ -65,12 +65,14 @@ class SmTransformerEncoderLayer(TransformerEncoderLayer):
         return self.finish(X, self.sm(attended, edge_index, edge_weight))  # (batch, bag, out_dim)
 
 
-class SmTransformerEncoder(nn.Module):
+class SmTransformerEncoder(TransformerEncoder):
     """n_layers of `SmTransformerEncoderLayer`, optional input skip after each, final LayerNorm.
 
     Args: those of `mil_train.nn.transformer.TransformerEncoder`, plus sm_alpha, sm_mode, sm_steps
     (each layer's Sm operator).
     """
+
+    layer_class = SmTransformerEncoderLayer
 
     def __init__(
         self,
@@ -86,31 +88,8 @@ class SmTransformerEncoder(nn.Module):
         sm_mode: str = "approx",
         sm_steps: int = 10,
     ) -> None:
-        super().__init__()
-        if n_layers < 1:
-            raise ValueError(f"n_layers must be >= 1, got {n_layers}")
-        out_dim = in_dim if out_dim is None else out_dim
-        if add_self and (out_dim != in_dim or (n_layers > 1 and att_dim != in_dim)):
-            raise ValueError(
-                f"add_self adds the input to every layer's output: needs in_dim ({in_dim}) == out_dim "
-                f"({out_dim}){' == att_dim (' + str(att_dim) + ')' if n_layers > 1 else ''}"
-            )
-        self.add_self = add_self
-        self.layers = nn.ModuleList(
-            SmTransformerEncoderLayer(
-                in_dim=in_dim if i == 0 else att_dim,
-                out_dim=out_dim if i == n_layers - 1 else att_dim,
-                att_dim=att_dim,
-                n_heads=n_heads,
-                use_mlp=use_mlp,
-                dropout=dropout,
-                sm_alpha=sm_alpha,
-                sm_mode=sm_mode,
-                sm_steps=sm_steps,
-            )
-            for i in range(n_layers)
-        )
-        self.final_norm = nn.LayerNorm(out_dim)
+        super().__init__(in_dim, out_dim, att_dim, n_heads, n_layers, use_mlp, add_self, dropout,
+                         sm_alpha=sm_alpha, sm_mode=sm_mode, sm_steps=sm_steps)
 
     def forward(
         self,

@@ -183,7 +183,10 @@ class TransformerEncoder(nn.Module):
         add_self: add the encoder input to every layer's output (needs in_dim == att_dim == out_dim,
             att_dim only mattering when n_layers > 1).
         dropout: dropout in attention weights and MLP, training only.
+        **layer_kwargs: further arguments of every layer (subclasses' `layer_class`).
     """
+
+    layer_class: type[nn.Module] = TransformerEncoderLayer
 
     def __init__(
         self,
@@ -195,6 +198,7 @@ class TransformerEncoder(nn.Module):
         use_mlp: bool = True,
         add_self: bool = True,
         dropout: float = 0.0,
+        **layer_kwargs,
     ) -> None:
         super().__init__()
         if n_layers < 1:
@@ -207,13 +211,14 @@ class TransformerEncoder(nn.Module):
             )
         self.add_self = add_self
         self.layers = nn.ModuleList(
-            TransformerEncoderLayer(
+            self.layer_class(
                 in_dim=in_dim if i == 0 else att_dim,
                 out_dim=out_dim if i == n_layers - 1 else att_dim,
                 att_dim=att_dim,
                 n_heads=n_heads,
                 use_mlp=use_mlp,
                 dropout=dropout,
+                **layer_kwargs,
             )
             for i in range(n_layers)
         )
