@@ -3,7 +3,8 @@
 Inputs ending in .h5/.hdf5 are CLAM/TRIDENT feature files: predicted directly, result `<stem>.json`.
 Anything else is a slide: `mil_runtime.pipeline.run_slide` tiles it, encodes the tiles with the
 encoder (--encoder, else the one the model names, next to the model file) and writes `<stem>.json`
-plus heatmap, tissue mask, GeoJSON, CSV and a feature file.
+plus heatmap, tissue mask, GeoJSON, CSV and a feature file (the set `--outputs` chooses; DICOM inputs,
+a series folder or one instance, also get a Bulk Simple Annotations object and a Parametric Map).
 
 One result per input. A failed input prints one line, `error: <file>: <message>`, on stderr and the
 others still run; the exit code is the first failure's code (table in mil_runtime.errors and in
@@ -32,12 +33,12 @@ from mil_runtime._version import __version__
 from mil_runtime.atomic import ensure_writable_dir
 from mil_runtime.claims import claim_stem, clean_stale_temps
 from mil_runtime.domain import check_domain
-from mil_runtime.errors import ContractMismatchError, InputNotFoundError, MilkitError, OutputError
+from mil_runtime.errors import ContractMismatchError, InputNotFoundError, InvalidInputError, MilkitError, OutputError
 from mil_runtime.features_io import FeatureFile, read_feature_file
 from mil_runtime.model import MILRunner, load_model
 from mil_runtime.outputs.result import encoder_identity, result_document
 from mil_runtime.outputs.record import read_output_set
-from mil_runtime.outputs.writer import to_jsonable, write_result_set
+from mil_runtime.outputs.writer import DEFAULT_OUTPUTS, OUTPUT_NAMES, parse_outputs, to_jsonable, write_result_set
 from mil_runtime.session import DEVICES
 
 FEATURE_SUFFIXES = (".h5", ".hdf5")
@@ -99,6 +100,9 @@ class Settings:
     batch_size: int = 64
     workers: int = 4
     verify: bool = False
+    outputs: str | None = None  # --outputs, None = the default set
+    roi: Path | None = None
+    geojson_frame: str = "bounds"
     _encoder: Any = field(default=None, repr=False)
 
     def encoder(self, runner: MILRunner) -> Any:
@@ -147,6 +151,10 @@ def check_recorded_encoder(feature_file: FeatureFile, runner: MILRunner) -> None
 
 def infer_features(path: Path, runner: MILRunner, settings: Settings) -> Outcome:
     """Predict one CLAM/TRIDENT feature file; with --out, write `<stem>.json` atomically."""
+    if settings.roi is not None:
+        raise InvalidInputError(
+            f"{path}: --roi restricts the tiling of slides; a feature file is already tiled, give the slide instead"
+        )
     start = time.perf_counter()
     feature_file = read_feature_file(path)
     read_s = time.perf_counter() - start
@@ -184,7 +192,8 @@ def infer_slide(path: Path, runner: MILRunner, settings: Settings) -> Outcome:
     options = {} if settings.tissue_threshold is None else {"tissue_threshold": settings.tissue_threshold}
     slide = run_slide(path, runner, settings.encoder(runner), out_dir=settings.out, mpp=settings.mpp,
                       batch_size=settings.batch_size, workers=settings.workers, progress=not settings.quiet,
-                      verify=settings.verify, **options)
+                      verify=settings.verify, outputs=settings.outputs, roi=settings.roi,
+                      geojson_frame=settings.geojson_frame, **options)
     document = slide.to_dict()
     if settings.out is not None:  # print what the set's record says (its "output_set" included)
         document = read_output_set(settings.out, path.stem, verify_hashes=False).record or document
@@ -313,18 +322,32 @@ class OneLineCommand(click.Command):
 @click.option("--verify", is_flag=True,
               help="identify inputs by their sha256 instead of size and modification time, in the run key "
                    "(slower for large slides)")
+@click.option("--outputs", "outputs", default=None, metavar="NAMES",
+              help=f"Slides: what to write, comma-separated from {','.join(OUTPUT_NAMES)} (json is always "
+                   f"written; default {','.join(DEFAULT_OUTPUTS)}, plus dicom for DICOM inputs).")
+@click.option("--roi", type=click.Path(path_type=Path), default=None,
+              help="Slides: restrict tiling to the polygons of a GeoJSON file (QuPath's annotation export), "
+                   "or of <slide stem>.geojson in a folder; holes and multipolygons count.")
+@click.option("--geojson-frame", type=click.Choice(["bounds", "level0"]), default="bounds", show_default=True,
+              help="Slides: pixel frame of the tile GeoJSON and of --roi: bounds = QuPath's (level 0 minus "
+                   "openslide.bounds-x/y), level0 = OpenSlide's.")
 @click.version_option(__version__, prog_name="milkit")
 def main(inputs, model_path, out, as_json, device, threads, encoder_path, mpp, tissue_threshold, batch_size,
-         workers, quiet, verify) -> None:
+         workers, quiet, verify, outputs, roi, geojson_frame) -> None:
     """Predict INPUTS (slides, or CLAM/TRIDENT .h5 feature files) with an exported MIL model.
 
     INPUTS are paths or glob patterns ("slides/*.svs"); each input gets its own result.
 
     Prints one line per input (file, predicted class, probability), or JSON with --json.
     """
+    try:
+        parse_outputs(outputs)  # an unknown name is a usage error, before any model is loaded
+    except InvalidInputError as exc:
+        raise OneLineUsageError(str(exc)) from None
     settings = Settings(model_path=model_path, out=out, device=device, threads=threads, quiet=quiet,
                         encoder_path=encoder_path, mpp=mpp, tissue_threshold=tissue_threshold,
-                        batch_size=batch_size, workers=workers, verify=verify)
+                        batch_size=batch_size, workers=workers, verify=verify, outputs=outputs, roi=roi,
+                        geojson_frame=geojson_frame)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if out is not None:

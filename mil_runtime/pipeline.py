@@ -30,14 +30,16 @@ from mil_runtime.encoder import check_encoder_matches
 from mil_runtime.errors import ContractMismatchError, InvalidInputError, MilkitError, NoTissueError
 from mil_runtime.features_io import read_feature_file
 from mil_runtime.outputs.record import RECORD_FIELD
-from mil_runtime.outputs.result import encoder_identity, result_document
-from mil_runtime.outputs.writer import TileTable, output_paths, write_slide_outputs
+from mil_runtime.outputs.result import encoder_identity, result_document, rounded_timings
+from mil_runtime.outputs.writer import (DEFAULT_OUTPUTS, TileTable, chosen_kinds, output_paths, parse_outputs,
+                                        write_slide_outputs)
 from mil_runtime.run_key import file_sha256
 from mil_runtime.slide.grid import GridPlan, plan_grid
 from mil_runtime.slide.mpp import OPENSLIDE, OVERRIDE, TIFF_RESOLUTION, resolve_mpp
 from mil_runtime.slide.open import Slide, open_slide
+from mil_runtime.slide.regions import FRAMES, Regions, bounds_offset, find_roi_file, read_regions
 from mil_runtime.slide.reader import TileReader
-from mil_runtime.slide.tissue import TISSUE_THRESHOLD, TissueMask, detect_tissue
+from mil_runtime.slide.tissue import TISSUE_THRESHOLD, TissueMask, detect_tissue, tile_fractions
 
 MPP_DISAGREEMENT = 0.10  # warn when --mpp differs from the slide's own value by more than 10%
 
@@ -65,6 +67,8 @@ class SlideResult:
     tissue_threshold: float
     outputs: dict[str, Path] = field(default_factory=dict)
     domain: dict[str, Any] | None = None  # out-of-domain score (mil_runtime.domain); None: model has no stats
+    regions: Regions | None = None  # --roi: the polygons tiling was restricted to
+    output_options: dict[str, Any] = field(default_factory=dict)  # outputs chosen, GeoJSON frame and offset
 
     @property
     def n_tiles(self) -> int:
@@ -78,6 +82,11 @@ class SlideResult:
     def attention_by_class(self) -> dict[str, np.ndarray] | None:
         """{class name: (N,)} for models with one attention map per class, else None."""
         return self.prediction.attention_by_class
+
+    @property
+    def instance_probabilities(self) -> dict[str, np.ndarray] | None:
+        """{class name: (N,)} for models with an instance classifier, else None."""
+        return getattr(self.prediction, "instance_probabilities", None)
 
     @property
     def predicted_name(self) -> str:
@@ -99,6 +108,8 @@ class SlideResult:
                 "tissue": {"threshold": self.tissue_threshold, "mask_mpp": self.tissue.mpp,
                            "slide_fraction": self.tissue.fraction},
                 "features_reused": self.features_reused,
+                "roi": self.regions.as_record() if self.regions is not None else None,
+                "output_options": self.output_options,
                 "outputs": {k: str(v) for k, v in self.outputs.items()},
                 **({"domain": self.domain} if self.domain is not None else {}),
             },
@@ -124,15 +135,20 @@ def _mpp_warnings(slide: Slide, mpp: float, source: str, target_mpp: float) -> l
 
 
 def select_tiles(plan: GridPlan, dimensions: tuple[int, int], tissue: TissueMask,
-                 threshold: float, source: str) -> tuple[np.ndarray, np.ndarray]:
-    """Kept tiles' (x, y) level-0 corners (N, 2) and their tissue fractions (N,); NoTissueError if none."""
+                 threshold: float, source: str, regions: Regions | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Kept tiles' (x, y) level-0 corners (N, 2) and their tissue fractions (N,); NoTissueError if none.
+
+    With `regions`, a tile's fraction counts only the tissue inside the regions (holes excluded).
+    """
     positions = plan.positions(dimensions)  # (all tiles, 2)
-    fractions = tissue.tile_fractions(positions, plan.tile_level0)  # (all tiles,)
+    mask = tissue.mask if regions is None else tissue.mask & regions.mask(tissue.mask.shape, tissue.scale)
+    fractions = tile_fractions(mask, tissue.scale, positions, plan.tile_level0)  # (all tiles,)
     keep = fractions >= threshold
     if not keep.any():
+        where = "the slide" if regions is None else f"the slide, {mask.mean():.1%} inside --roi {regions.path}"
         raise NoTissueError(
             f"{source}: no tile has at least {threshold:.0%} tissue (tissue covers {tissue.fraction:.1%} of "
-            f"the slide, {len(positions)} candidate tiles); check the slide, or lower --tissue-threshold"
+            f"{where}, {len(positions)} candidate tiles); check the slide and its regions, or lower --tissue-threshold"
         )
     return positions[keep], fractions[keep]
 
@@ -198,6 +214,36 @@ def encode_tiles(slide_path: Path, plan: GridPlan, xy: np.ndarray, encoder: Any,
     return features
 
 
+def _choose_outputs(slide_path: Path, outputs: Any, writing: bool) -> tuple[tuple[str, ...], Any]:
+    """The output names of this slide, and the DICOM source's identity when "dicom" is among them.
+
+    The default is DEFAULT_OUTPUTS, plus "dicom" for a DICOM input (when the milkit[dicom] extra is
+    installed; without it the default leaves DICOM out and a chosen "dicom" fails with how to install it).
+    """
+    from mil_runtime.slide.dicom import is_dicom_input
+
+    dicom_input = is_dicom_input(slide_path)
+    chosen = parse_outputs(outputs)
+    if outputs is None and dicom_input and _dicom_extra_installed():
+        chosen = parse_outputs([*DEFAULT_OUTPUTS, "dicom"])
+    if "dicom" not in chosen or not writing:
+        return chosen, None
+    if not dicom_input:
+        raise InvalidInputError(
+            f"{slide_path}: --outputs dicom needs a DICOM input (a DICOM WSI series folder or instance); "
+            "leave dicom out of --outputs for other slides"
+        )
+    from mil_runtime.slide.dicom import read_dicom_source
+
+    return chosen, read_dicom_source(slide_path)
+
+
+def _dicom_extra_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("highdicom") is not None
+
+
 def run_slide(
     slide_path: str | os.PathLike,
     model: Any,
@@ -211,12 +257,19 @@ def run_slide(
     progress: bool = False,
     reuse_features: bool = True,
     verify: bool = False,
+    outputs: str | list[str] | tuple[str, ...] | None = None,
+    roi: str | os.PathLike | None = None,
+    geojson_frame: str = "bounds",
 ) -> SlideResult:
     """Predict one slide with `model` (MILRunner) on features from `encoder` (encoder runner).
 
-    With `out_dir`, writes <stem>.json, .heatmap.png, .tissue.png, .tiles.geojson, .tiles.csv and
-    .features.h5 there, all or none; models with per-class attention add .heatmap.<class>.png per class. Raises the mil_runtime.errors family (SlideReadError,
-    MppUnknownError, NoTissueError, ContractMismatchError, OutputError, ...).
+    With `out_dir`, writes the chosen `outputs` there as one set, all or none (mil_runtime.outputs.writer):
+    by default <stem>.json, .heatmap.png, .tissue.png, .tiles.geojson, .tiles.csv and .features.h5, plus
+    the DICOM objects for DICOM inputs; models with per-class attention add .heatmap.<class>.png per
+    class. `roi`: a GeoJSON file of regions (or a folder of <stem>.geojson) that tiling is restricted
+    to. `geojson_frame`: "bounds" (QuPath's frame, the default) or "level0", for the GeoJSON out and the
+    regions in. Raises the mil_runtime.errors family (SlideReadError, MppUnknownError, NoTissueError,
+    ContractMismatchError, OutputError, ...).
     """
     timings: dict[str, float] = {}
     started = clock = time.perf_counter()
@@ -243,22 +296,29 @@ def run_slide(
             "re-export the encoder without a fixed tile size, or use the encoder the model was trained on"
         )
     slide_path = Path(slide_path)
+    if geojson_frame not in FRAMES:
+        raise InvalidInputError(f"--geojson-frame must be one of {', '.join(FRAMES)}, got {geojson_frame!r}")
+    chosen, dicom_source = _choose_outputs(slide_path, outputs, out_dir is not None)
+    roi_file = find_roi_file(roi, slide_path) if roi is not None else None
     if out_dir is not None:
         ensure_writable_dir(out_dir)  # fail before the slow part, not after it
     with open_slide(slide_path) as slide:
+        offset = bounds_offset(slide.properties)
+        regions = read_regions(roi_file, geojson_frame, offset) if roi_file is not None else None
         mpp_value, mpp_source = resolve_mpp(slide.properties, mpp, source_name=str(slide_path))
         plan = plan_grid(slide.dimensions, slide.level_downsamples, mpp_value, meta.tiling.tile_px,
                          meta.tiling.mpp, meta.tiling.overlap, source=str(slide_path))
         warnings = _mpp_warnings(slide, mpp_value, mpp_source, meta.tiling.mpp)
         lap("open")
         tissue = detect_tissue(slide, mpp_value)
-        xy, fractions = select_tiles(plan, slide.dimensions, tissue, tissue_threshold, str(slide_path))
+        xy, fractions = select_tiles(plan, slide.dimensions, tissue, tissue_threshold, str(slide_path), regions)
+        warnings.extend(regions.warnings if regions is not None else [])
         grid_yx = plan.grid_coords(xy)
         lap("tissue")
 
     paths = output_paths(out_dir, slide_path.stem) if out_dir is not None else {}
     features = None
-    if paths and reuse_features:
+    if paths and reuse_features and "features" in chosen:
         features, damaged = _reusable_features(paths["features"], encoder, plan, xy)
         warnings.extend([damaged] if damaged else [])
     reused = features is not None
@@ -275,27 +335,34 @@ def run_slide(
         slide_path=slide_path, prediction=prediction, class_names=list(prediction.class_names),
         mpp=mpp_value, mpp_source=mpp_source, plan=plan, tissue=tissue, xy_level0=xy, grid_yx=grid_yx,
         tissue_fraction=fractions, features=features, features_reused=reused, timings=timings,
-        warnings=warnings, runner=model, tissue_threshold=tissue_threshold, domain=domain,
+        warnings=warnings, runner=model, tissue_threshold=tissue_threshold, domain=domain, regions=regions,
+        output_options={"outputs": list(chosen), "geojson_frame": geojson_frame,
+                        "geojson_offset": list(offset if geojson_frame == "bounds" else (0, 0))},
         encoder=encoder_identity(model, encoder.name, encoder.sha256, file=getattr(encoder, "path", None),
                                  output_dim=int(encoder.output_dim)),
     )
     if out_dir is not None:
-        result.outputs = output_paths(out_dir, slide_path.stem, list(result.attention_by_class or {}))
         feature_args = None if reused else {
             "features": features, "coords_px": xy, "tile_px_level0": plan.tile_level0,
             "stride_level0": plan.stride_level0, "mpp": mpp_value,
             "patch_size": plan.read_px, "patch_level": plan.level, "encoder": encoder.name,
             "encoder_sha256": encoder.sha256,
         }
-        table = TileTable(xy, plan.tile_level0, grid_yx, fractions, result.attention, result.attention_by_class)
+        all_paths = output_paths(out_dir, slide_path.stem, list(result.attention_by_class or {}))
+        result.outputs = {kind: all_paths[kind] for kind in chosen_kinds(chosen, all_paths)
+                          if kind != "features" or feature_args is not None or all_paths[kind].is_file()}
+        table = TileTable(xy, plan.tile_level0, grid_yx, fractions, result.attention, result.attention_by_class,
+                          result.instance_probabilities)
 
-        def finished() -> dict:  # called once every other file is staged, so "write" covers them
+        def finished(document: dict) -> None:  # called once every other file is staged, so "write" covers them
             timings["write"] = time.perf_counter() - clock
             timings["total"] = time.perf_counter() - started
-            return result.to_dict()
+            document["timings_s"] = rounded_timings(timings)
 
-        write_slide_outputs(out_dir, slide_path.stem, finished, table, tissue.thumbnail, tissue.mask,
-                            tissue.scale, features=feature_args, verify=verify)
+        result.outputs = write_slide_outputs(
+            out_dir, slide_path.stem, result.to_dict(), table, tissue.thumbnail, tissue.mask, tissue.scale,
+            features=feature_args, verify=verify, outputs=chosen, geojson_offset=tuple(result.output_options["geojson_offset"]),
+            dicom_source=dicom_source, before_record=finished)
         return result
     timings["total"] = time.perf_counter() - started
     return result

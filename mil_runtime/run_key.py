@@ -5,7 +5,8 @@ The key is the sha256 of a canonical JSON document of
 - the input's identity: its size and mtime (ns), or its sha256 when `verify` is true;
 - the model's and the encoder's sha256;
 - every setting that changes results: tile px, mpp used, overlap, tissue settings, pyramid level,
-  precision, graph rule.
+  precision, graph rule, the regions tiling was restricted to (--roi, by sha256 and frame), and what
+  the set holds (the outputs chosen, the GeoJSON frame), so a set made with other outputs is redone.
 Paths and timings are not part of it: the same slide moved elsewhere with the same mtime is the same run.
 """
 
@@ -18,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-RUN_KEY_VERSION = 1  # bump when the document below changes meaning
+RUN_KEY_VERSION = 2  # bump when the document below changes meaning (2: roi, outputs, GeoJSON frame)
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -30,10 +31,17 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def input_identity(path: str | os.PathLike, verify: bool = False) -> dict[str, Any]:
-    """{"size", "mtime_ns"} of the input, or {"sha256"} under --verify."""
+    """{"size", "mtime_ns"} of the input, or {"sha256"} under --verify.
+
+    A folder input (a DICOM series) is identified by each of its files, by name: {"files": {name: identity}}.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return {"files": {child.name: input_identity(child, verify)
+                          for child in sorted(path.iterdir()) if child.is_file()}}
     if verify:
         return {"sha256": file_sha256(path)}
-    stat = Path(path).stat()
+    stat = path.stat()
     return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
@@ -65,6 +73,8 @@ def result_settings(result: Mapping[str, Any], metadata: Any = None) -> dict[str
         "level": tiling.get("level_used", tiling.get("level")),
         "precision": getattr(metadata, "precision", None) or "fp32",
         "graph": getattr(metadata, "graph", None),
+        "roi": {key: roi.get(key) for key in ("sha256", "frame", "offset")} if isinstance(roi := result.get("roi"), dict) else None,
+        "outputs": result.get("output_options") or None,
     }
 
 

@@ -81,6 +81,11 @@ def tiles_field(xy_level0: np.ndarray | None, attention: np.ndarray,
     return tiles
 
 
+def rounded_timings(timings: dict[str, float]) -> dict[str, float]:
+    """Seconds per stage as the result records them."""
+    return {k: round(float(v), 4) for k, v in timings.items()}
+
+
 def result_document(
     *,
     input_path: Any,
@@ -112,7 +117,7 @@ def result_document(
         "mpp": mpp,
         "tiling": tiling,
         "device": runner.device,
-        "timings_s": {k: round(float(v), 4) for k, v in timings.items()},
+        "timings_s": rounded_timings(timings),
         "warnings": list(warnings),
         **(extra or {}),
         "tiles": tiles_field(xy_level0, prediction.attention, prediction.attention_by_class),

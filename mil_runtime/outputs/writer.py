@@ -11,6 +11,11 @@ Models with one attention map per class (`Prediction.attention_by_class`) add a 
 `<stem>.heatmap.<class>.png` (the class name made safe for file names, `class_file_labels`), and
 `attention_<class>` columns / measurements (the class name as it is) to the CSV and the GeoJSON;
 `<stem>.heatmap.png` and `attention` stay the model's `attention`, the predicted class's map.
+
+Which files a set holds is chosen by name (`mil-infer --outputs`, OUTPUT_NAMES): the record
+(`json`) is always written; every other chosen file is a member of the set, hashed in the record.
+`dicom` (a Bulk Simple Annotations object and a Parametric Map, mil_runtime.outputs.dicom) needs a
+DICOM input; `dsa` is a Digital Slide Archive heatmap annotation (mil_runtime.outputs.dsa).
 """
 
 from __future__ import annotations
@@ -30,9 +35,9 @@ from PIL import Image
 
 from mil_runtime.atomic import atomic_output_dir
 from mil_runtime.claims import claim_stem
-from mil_runtime.errors import OutputError
+from mil_runtime.errors import InvalidInputError, OutputError
 from mil_runtime.features_io import write_feature_file
-from mil_runtime.outputs.geojson import tiles_feature_collection
+from mil_runtime.outputs.geojson import tile_measurements, tiles_feature_collection
 from mil_runtime.outputs.heatmap import attention_heatmap
 from mil_runtime.outputs.record import RECORD_FIELD, set_manifest
 from mil_runtime.outputs.tables import write_tiles_csv
@@ -45,7 +50,43 @@ SUFFIXES = {
     "geojson": ".tiles.geojson",
     "tiles_csv": ".tiles.csv",
     "features": ".features.h5",
+    "dicom_annotations": ".annotations.dcm",
+    "dicom_attention": ".attention.dcm",
+    "dsa": ".dsa.json",
 }
+
+# --outputs names -> the kinds of output_paths they write (per-class heatmaps go with "heatmap")
+OUTPUT_KINDS = {
+    "json": ("result",),
+    "heatmap": ("heatmap",),
+    "tissue": ("tissue_mask",),
+    "geojson": ("geojson",),
+    "csv": ("tiles_csv",),
+    "features": ("features",),
+    "dicom": ("dicom_annotations", "dicom_attention"),
+    "dsa": ("dsa",),
+}
+OUTPUT_NAMES = tuple(OUTPUT_KINDS)
+DEFAULT_OUTPUTS = ("json", "heatmap", "tissue", "geojson", "csv", "features")  # + dicom for DICOM inputs
+
+
+def parse_outputs(text: str | Sequence[str] | None) -> tuple[str, ...]:
+    """`--outputs json,heatmap,...` as names in OUTPUT_NAMES order, "json" always included; None = default."""
+    if text is None:
+        return DEFAULT_OUTPUTS
+    names = [n.strip().lower() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
+    unknown = [n for n in names if n not in OUTPUT_KINDS]
+    if unknown:
+        raise InvalidInputError(
+            f"--outputs: unknown output {', '.join(map(repr, unknown))}; choose from {','.join(OUTPUT_NAMES)}"
+        )
+    return tuple(n for n in OUTPUT_NAMES if n in names or n == "json")
+
+
+def chosen_kinds(outputs: Sequence[str], paths: Mapping[str, Path]) -> list[str]:
+    """The kinds of `paths` that the output names write, in `paths` order."""
+    wanted = {kind for name in outputs for kind in OUTPUT_KINDS[name]}
+    return [k for k in paths if k in wanted or (k.startswith(CLASS_HEATMAP_KIND) and "heatmap" in outputs)]
 
 
 CLASS_HEATMAP_KIND = "heatmap."  # + class name: the kind of a per-class heatmap in output_paths
@@ -75,7 +116,7 @@ def output_paths(out_dir: str | os.PathLike, stem: str, class_names: Sequence[st
     `class_names`: the classes of a model with per-class attention; each adds the kind
     "heatmap.<class name>" at `<stem>.heatmap.<label>.png` (label from `class_file_labels`).
     """
-    paths = {kind: Path(out_dir) / f"{stem}{suffix}" for kind, suffix in SUFFIXES.items()}
+    paths = {kind: Path(out_dir) / f"{stem}{suffix}" for kind, suffix in SUFFIXES.items()}  # every kind: callers choose
     for name, label in class_file_labels(class_names).items():
         paths[CLASS_HEATMAP_KIND + name] = Path(out_dir) / f"{stem}.heatmap.{label}.png"
     return paths
@@ -108,6 +149,7 @@ class TileTable:
     tissue_fraction: np.ndarray  # (N,)
     attention: np.ndarray  # (N,)
     attention_by_class: Mapping[str, np.ndarray] | None = None  # {class name: (N,)}, multi-branch models
+    instance_probabilities: Mapping[str, np.ndarray] | None = None  # {class name: (N,)}, instance classifiers
 
     @property
     def class_names(self) -> list[str]:
@@ -115,11 +157,14 @@ class TileTable:
         return list(self.attention_by_class or {})
 
     def measurements(self) -> dict[str, np.ndarray]:
-        """Per-tile numbers of the GeoJSON: attention, tissue fraction, attention_<class> per class."""
-        values = {"attention": self.attention, "tissue_fraction": self.tissue_fraction}
+        """Per-tile numbers of the GeoJSON: attention (with rank and percentile), tissue fraction,
+        attention_<class> per class map, prob_<class> per instance-classifier class."""
+        values = {"tissue_fraction": self.tissue_fraction}
         for name, weights in (self.attention_by_class or {}).items():
             values[f"attention_{name}"] = weights
-        return values
+        for name, probabilities in (self.instance_probabilities or {}).items():
+            values[f"prob_{name}"] = probabilities
+        return tile_measurements(self.attention, values)
 
 
 def _save_png(path: Path, pixels: np.ndarray) -> None:
@@ -129,51 +174,97 @@ def _save_png(path: Path, pixels: np.ndarray) -> None:
 def write_slide_outputs(
     out_dir: str | os.PathLike,
     stem: str,
-    result: dict | Callable[[], dict],
+    result: dict,
     tiles: TileTable,
     thumbnail: np.ndarray,
     mask: np.ndarray,
     scale: tuple[float, float],
     features: dict | None = None,
     verify: bool = False,
+    *,
+    outputs: Sequence[str] = DEFAULT_OUTPUTS,
+    geojson_offset: tuple[int, int] = (0, 0),
+    dicom_source: Any = None,
+    before_record: Callable[[dict], None] | None = None,
 ) -> dict[str, Path]:
-    """Write JSON, heatmap(s), tissue mask, GeoJSON, tiles CSV and (when `features` is given) the .h5.
+    """Write the chosen outputs (names of OUTPUT_KINDS; the JSON record always) as one set.
 
     With `tiles.attention_by_class`, one more heatmap per class (see the module docstring).
-    `features` holds the keyword arguments of features_io.write_feature_file except the path.
-    `result` may be a callable, called after the other files are staged (so it can time them).
-    `verify`: the run key identifies the input by its sha256 (mil-infer --verify).
+    `features` holds the keyword arguments of features_io.write_feature_file except the path; None
+    keeps an existing feature file (reused features) as a member of the set.
+    `geojson_offset`: level-0 px subtracted in the GeoJSON (the slide's bounds, QuPath's frame).
+    `dicom_source`: the DICOM input's identity (mil_runtime.slide.dicom.read_dicom_source), needed by "dicom".
+    `before_record(result)` runs once every other file is staged (so it can time them), then the
+    record is written. `verify`: the run key identifies the input by its sha256 (mil-infer --verify).
     Returns {kind: final path} of the files written.
     """
+    outputs = parse_outputs(outputs)
+    if "dicom" in outputs and dicom_source is None:
+        raise InvalidInputError(f"{stem}: --outputs dicom needs a DICOM input (a DICOM WSI series or instance)")
     paths = output_paths(out_dir, stem, tiles.class_names)
-    kinds = [k for k in paths if k != "features" or features is not None]
+    kinds = [k for k in chosen_kinds(outputs, paths) if k != "features" or features is not None]
     with claim_stem(out_dir, stem), _output_errors(out_dir), \
             atomic_output_dir(out_dir, last=paths["result"].name) as staged:
         temp = {kind: staged.path(paths[kind].name) for kind in kinds}
-
-        def save_heatmap(kind: str, attention: np.ndarray) -> None:
-            pixels = attention_heatmap(thumbnail, scale, tiles.xy_level0, tiles.size_level0, attention)
-            _save_png(temp[kind], pixels)
-
-        save_heatmap("heatmap", tiles.attention)
-        for name, weights in (tiles.attention_by_class or {}).items():
-            save_heatmap(CLASS_HEATMAP_KIND + name, weights)
-        _save_png(temp["tissue_mask"], np.where(mask, 255, 0).astype(np.uint8))
-        collection = tiles_feature_collection(tiles.xy_level0, tiles.size_level0, tiles.measurements())
-        with open(temp["geojson"], "w", encoding="utf-8") as handle:
-            json.dump(collection, handle, allow_nan=False)
-        with open(temp["tiles_csv"], "w", encoding="utf-8", newline="") as handle:
-            write_tiles_csv(handle, tiles.xy_level0, tiles.size_level0, tiles.grid_yx,
-                            tiles.tissue_fraction, tiles.attention, tiles.attention_by_class)
-        if features is not None:
+        _stage_images(temp, tiles, thumbnail, mask, scale)
+        if "geojson" in temp:
+            identity = f"{(result.get('model') or {}).get('sha256')}:{stem}"
+            collection = tiles_feature_collection(tiles.xy_level0, tiles.size_level0, tiles.measurements(),
+                                                  offset=geojson_offset, identity=identity,
+                                                  prediction=_prediction_summary(result))
+            _dump_json(temp["geojson"], collection)
+        if "tiles_csv" in temp:
+            with open(temp["tiles_csv"], "w", encoding="utf-8", newline="") as handle:
+                write_tiles_csv(handle, tiles.xy_level0, tiles.size_level0, tiles.grid_yx, tiles.tissue_fraction,
+                                tiles.attention, tiles.attention_by_class, tiles.instance_probabilities)
+        if "features" in temp:
             write_feature_file(temp["features"], **features)
-        result = result() if callable(result) else result
+        if "dsa" in temp:
+            from mil_runtime.outputs.dsa import dsa_annotation
+
+            _dump_json(temp["dsa"], dsa_annotation(tiles, to_jsonable(result)))
+        if "dicom_annotations" in temp:
+            from mil_runtime.outputs.dicom import write_dicom_outputs
+
+            write_dicom_outputs(dicom_source, tiles, to_jsonable(result), temp["dicom_annotations"],
+                                temp["dicom_attention"])
+        if before_record is not None:
+            before_record(result)
         members = {paths[kind].name: temp[kind] for kind in kinds if kind != "result"}
-        if features is None and paths["features"].is_file():  # reused features stay part of the set
+        if "features" in outputs and features is None and paths["features"].is_file():  # reused features
             members[paths["features"].name] = paths["features"]
             kinds.append("features")
         write_record(temp["result"], result, members, verify=verify)
     return {kind: paths[kind] for kind in kinds}
+
+
+def _stage_images(temp: Mapping[str, Path], tiles: TileTable, thumbnail: np.ndarray, mask: np.ndarray,
+                  scale: tuple[float, float]) -> None:
+    """The heatmap(s) and the tissue mask, those of them that were chosen."""
+    maps = {"heatmap": tiles.attention, **{CLASS_HEATMAP_KIND + name: weights
+                                          for name, weights in (tiles.attention_by_class or {}).items()}}
+    for kind, attention in maps.items():
+        if kind in temp:
+            pixels = attention_heatmap(thumbnail, scale, tiles.xy_level0, tiles.size_level0, attention)
+            _save_png(temp[kind], pixels)
+    if "tissue_mask" in temp:
+        _save_png(temp["tissue_mask"], np.where(mask, 255, 0).astype(np.uint8))
+
+
+def _prediction_summary(result: Mapping[str, Any]) -> dict[str, Any]:
+    """What the GeoJSON's prediction annotation shows, from the result document."""
+    model = result.get("model") or {}
+    return {
+        "class_name": (result.get("prediction") or {}).get("class_name"),
+        "probabilities": result.get("probabilities") or {},
+        "metadata": {"model": model.get("name"), "model_sha256": model.get("sha256"),
+                     "milkit_version": result.get("milkit_version")},
+    }
+
+
+def _dump_json(path: Path, document: Any) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(document, handle, allow_nan=False)
 
 
 def write_record(path: Path, result: dict, members: Mapping[str, Path], run_key: str | None = None,

@@ -22,7 +22,7 @@ import pytest
 from mil_runtime.claims import claim_stem, clean_stale_temps, lock_path, temp_stem
 from mil_runtime.errors import OutputBusyError
 from mil_runtime.outputs.record import read_output_set
-from mil_runtime.outputs.writer import SUFFIXES
+from mil_runtime.outputs.writer import DEFAULT_OUTPUTS, OUTPUT_KINDS, SUFFIXES
 from mil_runtime.run_key import compute_run_key
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,7 +77,8 @@ def test_a_finished_set_is_complete_and_its_record_names_every_file(tmp_path, sl
     found = read_output_set(tmp_path, "s")
     assert found.complete, found.reason
     record = json.loads((tmp_path / "s.json").read_text())
-    names = {f"s{suffix}" for kind, suffix in SUFFIXES.items() if kind != "result"}
+    default_kinds = {kind for name in DEFAULT_OUTPUTS for kind in OUTPUT_KINDS[name]}
+    names = {f"s{suffix}" for kind, suffix in SUFFIXES.items() if kind != "result" and kind in default_kinds}
     assert set(record["output_set"]["files"]) == names
     assert len(record["output_set"]["run_key"]) == 64
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names | {"s.json"})  # no lock, no temp left

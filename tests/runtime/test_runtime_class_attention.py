@@ -261,10 +261,12 @@ def test_mil_infer_on_a_slide_writes_one_heatmap_per_class(slide_run):
         np.testing.assert_allclose([float(r[f"attention_{name}"]) for r in rows], maps[c], rtol=1e-6)
 
     geo = json.loads((out / f"{stem}.tiles.geojson").read_text())
-    assert len(geo["features"]) == n
-    for tile, feature in zip(doc["tiles"], geo["features"]):
+    tile_features = [f for f in geo["features"] if f["properties"]["objectType"] == "tile"]
+    assert len(tile_features) == n and len(geo["features"]) == n + 1  # plus the prediction's annotation
+    for tile, feature in zip(doc["tiles"], tile_features):
         measurements = feature["properties"]["measurements"]
-        assert set(measurements) == {"attention", "tissue_fraction", *(f"attention_{c}" for c in SLIDE_CLASSES)}
+        assert set(measurements) == {"attention", "attention_rank", "attention_percentile", "tissue_fraction",
+                                     *(f"attention_{c}" for c in SLIDE_CLASSES)}
         for name in SLIDE_CLASSES:
             assert measurements[f"attention_{name}"] == pytest.approx(tile["attention_by_class"][name], abs=1e-7)
 

@@ -36,8 +36,9 @@ def test_missing_slide_is_input_not_found(tmp_path):
 
 
 @pytest.mark.faults
-def test_a_folder_is_not_a_slide(tmp_path):
-    with pytest.raises(SlideReadError, match="not a file"):
+def test_a_folder_without_dicom_is_not_a_slide(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a slide")
+    with pytest.raises(SlideReadError, match="holds no DICOM files"):  # folders are DICOM series, or refused
         open_slide(tmp_path)
 
 

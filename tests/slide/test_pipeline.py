@@ -52,9 +52,11 @@ def test_cmu_end_to_end_outputs(tmp_path, model, encoder):
     assert changed.sum() > 0 and mask[changed].mean() > 0.6
 
     geo = json.loads((tmp_path / f"{stem}.tiles.geojson").read_text())
-    assert geo["type"] == "FeatureCollection" and len(geo["features"]) == result.n_tiles
+    tile_features = [f for f in geo["features"] if f["properties"]["objectType"] == "tile"]
+    assert geo["type"] == "FeatureCollection" and len(tile_features) == result.n_tiles
+    assert len(geo["features"]) == result.n_tiles + 1  # plus the prediction's annotation
     width, height = 2220, 2967
-    for feature, weight in zip(geo["features"], result.attention):
+    for feature, weight in zip(tile_features, result.attention):
         ring = np.array(feature["geometry"]["coordinates"][0])
         assert feature["geometry"]["type"] == "Polygon" and (ring[0] == ring[-1]).all()
         assert ring[:, 0].min() >= 0 and ring[:, 0].max() <= width
