@@ -1,7 +1,8 @@
 """Export a registered MIL model to ONNX with symbolic batch/bag/edges axes and milkit metadata.
 
 One path for every model: a wrapper maps the contract's input names to `model.forward` and returns
-(logits, probabilities, attention), plus attention_by_class for multi-branch models (`output_names`);
+(logits, probabilities, attention), plus attention_by_class for multi-branch models and
+instance_probabilities for models with an instance classifier (`output_names`);
 `torch.export.export` traces it with dynamic shapes, and
 `torch.onnx.export` translates that program. Exporting the module directly can silently freeze a
 dynamic axis into a constant, which is why the program is exported instead.
@@ -36,13 +37,15 @@ from mil_runtime.errors import (
     OutputError,
 )
 from mil_train.models import MILModel
+from mil_train.models.base import has_instance_classifier
 
 WRAPPER_PREFIX = "model."  # the wrapper holds the model as `.model`, so ONNX initializers are "model.<key>"
 EXAMPLE_BATCH = 3  # > 1: a batch of 1 in the example would let the exporter specialise the axis
 
 
 class ContractWrapper(nn.Module):
-    """Contract inputs in, contract outputs out: (logits, probabilities, attention[, attention_by_class]).
+    """Contract inputs in, contract outputs out:
+    (logits, probabilities, attention[, attention_by_class][, instance_probabilities]).
 
     Optional inputs arrive as keyword arguments so one signature serves every model; the exporter
     names the ONNX inputs after these parameters, and the outputs after `output_names(model)`.
@@ -52,6 +55,7 @@ class ContractWrapper(nn.Module):
         super().__init__()
         self.model = model
         self.per_class = exports_class_attention(model)  # a Python constant of the model, not of a tensor
+        self.per_instance = has_instance_classifier(model)  # likewise
 
     def forward(
         self,
@@ -63,14 +67,22 @@ class ContractWrapper(nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         out = self.model(features, mask, edge_index=edge_index, edge_weight=edge_weight, coords=coords)
         probabilities = self.model.probabilities(out.logits)  # (batch, n_classes)
-        if not self.per_class:
-            return out.logits, probabilities, out.attention
-        if out.attention_by_class is None:
-            raise MilkitError(
-                f"{self.model.name} declares class_attention = True but its forward left "
-                "MILOutput.attention_by_class empty; fill it with the (batch, n_classes, bag) maps"
-            )
-        return out.logits, probabilities, out.attention, out.attention_by_class  # ..., (batch, n_classes, bag)
+        outputs = [out.logits, probabilities, out.attention]
+        if self.per_class:
+            if out.attention_by_class is None:
+                raise MilkitError(
+                    f"{self.model.name} declares class_attention = True but its forward left "
+                    "MILOutput.attention_by_class empty; fill it with the (batch, n_classes, bag) maps"
+                )
+            outputs.append(out.attention_by_class)  # (batch, n_classes, bag)
+        if self.per_instance:
+            if out.instance_probabilities is None:
+                raise MilkitError(
+                    f"{self.model.name} declares instance_classifier = True but its forward left "
+                    "MILOutput.instance_probabilities empty; fill it with the (batch, bag, n_classes) probabilities"
+                )
+            outputs.append(out.instance_probabilities)  # (batch, bag, n_classes)
+        return tuple(outputs)
 
 
 def exports_class_attention(model: MILModel) -> bool:
@@ -86,6 +98,8 @@ def output_names(model: MILModel) -> list[str]:
     names = list(contract.MIL_OUTPUTS)
     if exports_class_attention(model):
         names.append(contract.ATTENTION_BY_CLASS)
+    if has_instance_classifier(model):
+        names.append(contract.INSTANCE_PROBABILITIES)
     return names
 
 
@@ -348,8 +362,8 @@ def export_onnx(
 
     Inputs: features, mask (+ edge_index, edge_weight for graph models, + coords for spatial ones);
     outputs: logits, probabilities, attention (+ attention_by_class for multi-branch models with
-    n_classes >= 2); axes batch, bag, edges symbolic. The file is written
-    atomically and checked with onnx.checker.
+    n_classes >= 2, + instance_probabilities for models with an instance classifier); axes batch,
+    bag, edges symbolic. The file is written atomically and checked with onnx.checker.
     """
     import onnx
 

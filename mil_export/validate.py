@@ -2,7 +2,7 @@
 
 Each size is run alone, and padded inside a batch of three bags of different lengths; a row records
 the largest absolute difference per output (every output the file lists in `milkit.outputs`,
-attention_by_class included), and how far the padded bag's result moved from the same
+attention_by_class and instance_probabilities included), and how far the padded bag's result moved from the same
 bag run alone. Without a model in hand, the eager model is rebuilt from the file itself: registry
 name and config from `milkit.model`, weights from the ONNX initializers.
 """
@@ -131,6 +131,13 @@ def _run_both(session, model: MILModel, features: torch.Tensor, lengths: Sequenc
                     f"{model.name} returns none; pass the model this file was exported from"
                 )
             eager[contract.ATTENTION_BY_CLASS] = out.attention_by_class  # (batch, n_classes, bag)
+        if contract.INSTANCE_PROBABILITIES in session.metadata.outputs:
+            if out.instance_probabilities is None:
+                raise ContractMismatchError(
+                    f"{session.path} has an {contract.INSTANCE_PROBABILITIES} output but the eager "
+                    f"{model.name} returns none; pass the model this file was exported from"
+                )
+            eager[contract.INSTANCE_PROBABILITIES] = out.instance_probabilities  # (batch, bag, n_classes)
     eager_out = {name: value.float().numpy() for name, value in eager.items()}
     return ort_out, eager_out
 
@@ -153,6 +160,10 @@ def _padding_drift(padded: dict, alone: dict, n: int) -> float:
         by_class_padded, by_class_alone = padded[contract.ATTENTION_BY_CLASS], alone[contract.ATTENTION_BY_CLASS]
         drift.append(np.abs(by_class_padded[0, :, :n] - by_class_alone[0]).max())
         drift.append(np.abs(by_class_padded[0, :, n:]).max(initial=0.0))
+    if contract.INSTANCE_PROBABILITIES in alone:  # (batch, bag, n_classes): same rule, bag on axis 1
+        instance_padded, instance_alone = padded[contract.INSTANCE_PROBABILITIES], alone[contract.INSTANCE_PROBABILITIES]
+        drift.append(np.abs(instance_padded[0, :n] - instance_alone[0]).max())
+        drift.append(np.abs(instance_padded[0, n:]).max(initial=0.0))
     return float(max(drift))
 
 
@@ -163,7 +174,7 @@ def validate_onnx(
     seed: int = 0,
 ) -> list[ValidationRow]:
     """Compare onnxruntime (CPU) with eager PyTorch on logits, probabilities and attention
-    (and attention_by_class, for files that have it).
+    (and attention_by_class / instance_probabilities, for files that have them).
 
     Returns two rows per size: the bag alone, and the bag padded in a batch of three. Padded rows
     also carry `padded_vs_alone`, the onnxruntime drift between the two runs of that bag. Sizes above

@@ -18,7 +18,8 @@ JSON. Keys (all prefixed ``milkit.``):
 | feature_dim      | integer: D of `features` (mil) or of the output (encoder)               |
 | inputs           | JSON list of input names, e.g. ["features", "mask"]                     |
 | outputs          | JSON list of output names, e.g. ["logits", "probabilities", "attention"] |
-|                  | (+ "attention_by_class" for multi-branch models). Files written before  |
+|                  | (+ "attention_by_class" for multi-branch models, + "instance_probabilities" |
+|                  | for models with an instance classifier). Files written before           |
 |                  | this key existed lack it: absent means `standard_outputs(kind)`          |
 | graph            | JSON {"rule": "grid8", "params": {...}} or null                         |
 | encoder          | JSON {"name", "output_dim", "sha256"} or null (mil only)                |
@@ -27,6 +28,9 @@ JSON. Keys (all prefixed ``milkit.``):
 | provenance       | JSON: free-form training provenance (dataset, epochs, metrics, date)    |
 | feature_stats    | optional JSON: the training features' statistics for the out-of-domain  |
 |                  | check (`check_feature_stats`, mil_runtime.domain); absent: no check   |
+
+Adding the optional `instance_probabilities` output kept schema 1 too: it is listed in `milkit.outputs`,
+so a runtime that does not know it refuses the file with "upgrade milkit" rather than misreading it.
 
 Adding the optional `milkit.feature_stats` also kept schema 1: older files lack it and are not checked.
 """
@@ -54,11 +58,15 @@ ATTENTION = "attention"  # float32 [batch, bag]
 # float32 [batch, n_classes, bag]: one attention map per class, each normalised like `attention`;
 # only multi-branch models with n_classes >= 2 have it (a binary model's one map is `attention`)
 ATTENTION_BY_CLASS = "attention_by_class"
+# float32 [batch, bag, n_classes]: each instance's probability of class-k evidence from the model's own
+# instance classifier, exactly 0 on padding; binary models (n_classes=1) give [batch, bag, 1], the
+# positive class. Only models with an instance classifier (DSMIL, CLAM_SB, CLAM_MB, IIBMIL) have it.
+INSTANCE_PROBABILITIES = "instance_probabilities"
 
 MIL_REQUIRED_INPUTS = (FEATURES, MASK)
 MIL_OPTIONAL_INPUTS = (EDGE_INDEX, EDGE_WEIGHT, COORDS)
 MIL_OUTPUTS = (LOGITS, PROBABILITIES, ATTENTION)  # every MIL graph has these
-MIL_OPTIONAL_OUTPUTS = (ATTENTION_BY_CLASS,)
+MIL_OPTIONAL_OUTPUTS = (ATTENTION_BY_CLASS, INSTANCE_PROBABILITIES)  # in this order after MIL_OUTPUTS
 
 # Encoder graph
 TILES = "tiles"  # uint8 [batch, H, W, 3] RGB
@@ -121,6 +129,11 @@ class ModelMetadata:
     def has_class_attention(self) -> bool:
         """The graph has `attention_by_class`: one attention map per class (multi-branch models)."""
         return ATTENTION_BY_CLASS in (self.outputs or ())
+
+    @property
+    def has_instance_probabilities(self) -> bool:
+        """The graph has `instance_probabilities`: per-instance class probabilities (instance classifiers)."""
+        return INSTANCE_PROBABILITIES in (self.outputs or ())
 
     # -- writing -----------------------------------------------------------------------------
     def to_props(self) -> dict[str, str]:

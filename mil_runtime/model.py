@@ -4,6 +4,7 @@
     prediction = runner.predict(features, coords=grid_yx)   # (N, D) float32, (N, 2) int64 (y, x)
     prediction.predicted_name, prediction.class_probabilities, prediction.attention
     prediction.attention_by_class    # {class name: (N,)} for multi-branch models, else None
+    prediction.instance_probabilities  # {class name: (N,)} for models with an instance classifier, else None
 
 Inputs are validated before onnxruntime sees them (feature dim, NaN/Inf, empty bag, coords for
 graph and spatial models), so every refusal is a milkit error with a message that says what to do.
@@ -35,6 +36,10 @@ class Prediction:
     attention_by_class:    {class name: (N,) weights summing to 1}, in class order, for models with
                            one attention branch per class (the `attention_by_class` output); None for
                            every other model, binary ones included, which have one map only.
+    instance_probabilities: {class name: (N,) float32 in [0, 1]}: each instance's probability of being
+                           that class's evidence, from the model's instance classifier (the
+                           `instance_probabilities` output), in class order; binary models give one
+                           key, the positive class (class_names[1]). None for models without one.
     """
 
     logits: np.ndarray
@@ -44,6 +49,7 @@ class Prediction:
     predicted_index: int
     attention: np.ndarray
     attention_by_class: dict[str, np.ndarray] | None = None
+    instance_probabilities: dict[str, np.ndarray] | None = None
 
     @property
     def predicted_name(self) -> str:
@@ -80,6 +86,11 @@ class MILRunner(SessionRunner):
         """Predictions carry `attention_by_class` (one map per class: multi-branch models)."""
         return self.metadata.has_class_attention
 
+    @property
+    def has_instance_probabilities(self) -> bool:
+        """Predictions carry `instance_probabilities` (models with an instance classifier)."""
+        return self.metadata.has_instance_probabilities
+
     def _check_graph_signature(self) -> None:
         """The ONNX graph's inputs and outputs must be the ones its metadata promises.
 
@@ -110,6 +121,13 @@ class MILRunner(SessionRunner):
                 raise ModelFormatError(
                     f"{source}: {contract.ATTENTION_BY_CLASS} has shape {shape}, expected "
                     f"[batch, {n_classes}, bag]; re-export the model"
+                )
+        if self.has_instance_probabilities:
+            shape = graph_outputs[contract.INSTANCE_PROBABILITIES].shape
+            if len(shape) != 3 or (isinstance(shape[2], int) and shape[2] != n_classes):
+                raise ModelFormatError(
+                    f"{source}: {contract.INSTANCE_PROBABILITIES} has shape {shape}, expected "
+                    f"[batch, bag, {n_classes}]; re-export the model"
                 )
 
     # -- validation ----------------------------------------------------------------------------
@@ -187,8 +205,10 @@ class MILRunner(SessionRunner):
             raise MilkitError(f"{self.path}: onnxruntime failed ({first[:200]})") from exc
 
     def _prediction(self, logits: np.ndarray, probabilities: np.ndarray, attention: np.ndarray,
-                    attention_by_class: np.ndarray | None = None) -> Prediction:
-        """One bag's Prediction; attention_by_class: (n_classes, N) rows in class order, or None."""
+                    attention_by_class: np.ndarray | None = None,
+                    instance_probabilities: np.ndarray | None = None) -> Prediction:
+        """One bag's Prediction; attention_by_class: (n_classes, N) rows in class order, or None;
+        instance_probabilities: (N, n_classes) columns in class order (binary: the positive class), or None."""
         logits = logits.astype(np.float32)  # (C,)
         probabilities = probabilities.astype(np.float32)  # (C,)
         if self.metadata.n_classes == 1:
@@ -208,7 +228,15 @@ class MILRunner(SessionRunner):
             attention_by_class=None if attention_by_class is None else {
                 name: row.astype(np.float32) for name, row in zip(self.class_names, attention_by_class)
             },
+            instance_probabilities=None if instance_probabilities is None else self._by_class_columns(
+                instance_probabilities
+            ),
         )
+
+    def _by_class_columns(self, columns: np.ndarray) -> dict[str, np.ndarray]:
+        """(N, n_classes) -> {class name: (N,) float32}; a binary model's one column is the positive class."""
+        names = self.class_names[1:] if self.metadata.n_classes == 1 else self.class_names
+        return {name: np.ascontiguousarray(columns[:, k], dtype=np.float32) for k, name in enumerate(names)}
 
     def predict(
         self, features: np.ndarray, coords: np.ndarray | None = None, *, source: str = "features"
@@ -243,12 +271,14 @@ class MILRunner(SessionRunner):
         features, mask = _padded(checked_features, sizes)
         outputs = self._run(self._feeds(features, mask, checked_coords))
         by_class = outputs.get(contract.ATTENTION_BY_CLASS)  # (B, C, N) or None
+        instance = outputs.get(contract.INSTANCE_PROBABILITIES)  # (B, N, C) or None
         return [
             self._prediction(
                 outputs[contract.LOGITS][b],  # (C,)
                 outputs[contract.PROBABILITIES][b],  # (C,)
                 outputs[contract.ATTENTION][b, : sizes[b]],  # (N_b,)
                 None if by_class is None else by_class[b, :, : sizes[b]],  # (C, N_b)
+                None if instance is None else instance[b, : sizes[b]],  # (N_b, C)
             )
             for b in range(len(bags))
         ]

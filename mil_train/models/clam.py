@@ -2,7 +2,9 @@
 
 CLAM_SB pools the bag with one attention branch (ABMIL's forward); CLAM_MB has one attention branch and
 one bag classifier per class. Both add CLAM's instance-clustering loss ("instance") in compute_loss;
-forward never computes it.
+forward never computes it. Both return `instance_probabilities` from forward: per class c, the softmax
+probability of "inside" of class c's instance classifier (the one the clustering loss trains), i.e. the
+probability that the instance is class-c evidence; binary models give the positive class's classifier.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 from mil_train.models.base import MILModel, MILOutput
 from mil_train.models.registry import register_model
 from mil_train.nn import AttentionPool, ClassAttentionPool, InstanceClustering, instance_mlp
+from mil_train.nn.instance_classifier import INSIDE
 
 
 class _CLAM(MILModel):
@@ -23,6 +26,8 @@ class _CLAM(MILModel):
 
     Subclasses build `self.pool` and the bag classifier(s) and implement `_pool_and_classify`.
     """
+
+    instance_classifier = True
 
     def __init__(
         self,
@@ -75,7 +80,27 @@ class _CLAM(MILModel):
         edge_weight: torch.Tensor | None = None,
         coords: torch.Tensor | None = None,
     ) -> MILOutput:
-        return self._pool_and_classify(self._embed(X, mask), mask)
+        H = self._embed(X, mask)  # (batch, bag, dim)
+        out = self._pool_and_classify(H, mask)
+        out.instance_probabilities = self.instance_probabilities(H, mask)
+        return out
+
+    def instance_probabilities(self, H: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """(batch, bag, n_classes): softmax(classifier c's (outside, inside) logits)[inside], 0 on padding.
+
+        n_classes >= 2: classifier c for class c. Binary: the clustering has two classifiers, for label 0
+        and label 1; the one column is label 1's (the positive class).
+        """
+        classifiers = list(self.instance.classifiers)
+        if self.n_classes == 1:
+            classifiers = classifiers[1:]  # label 1: the positive class
+        weight = torch.stack([c.weight for c in classifiers])  # (n_classes, 2, dim)
+        bias = torch.stack([c.bias for c in classifiers])  # (n_classes, 2)
+        logits = torch.einsum("bnd,cod->bnco", H, weight) + bias  # (batch, bag, n_classes, 2)
+        probabilities = torch.softmax(logits, dim=-1)[..., INSIDE]  # (batch, bag, n_classes)
+        if mask is not None:
+            probabilities = probabilities.masked_fill(~mask.unsqueeze(-1), 0.0)
+        return probabilities
 
     def compute_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """{"cls", "instance"}, each already scaled by CLAM's bag_weight (see the model cards)."""

@@ -22,6 +22,9 @@ class DSMIL(MILModel):
     `DSMIL.predict` and the paper's code make. With n_classes >= 2 each class has its own critical
     instance and bag embedding, and the bag classifier reads all class embeddings (the paper's
     Conv1d over classes, as one linear map); `attention` is then the mean of the per-class weights.
+    `instance_probabilities` (batch, bag, n_classes) = sigmoid of the max-instance stream's instance
+    classifier, per class: monotone in its score, so the most probable instance of class k is class k's
+    critical instance, and its probability is the sigmoid of the max-instance logit.
 
     Args:
         in_dim: instance feature dimension D.
@@ -33,6 +36,7 @@ class DSMIL(MILModel):
     """
 
     name = "DSMIL"
+    instance_classifier = True
 
     def __init__(
         self,
@@ -73,7 +77,17 @@ class DSMIL(MILModel):
         coords: torch.Tensor | None = None,
     ) -> MILOutput:
         bag_logits, max_logits, attention = self.stream_logits(X, mask)
-        return MILOutput(logits=0.5 * (bag_logits + max_logits), attention=attention)
+        return MILOutput(logits=0.5 * (bag_logits + max_logits), attention=attention,
+                         instance_probabilities=self.instance_probabilities(X, mask))
+
+    def instance_probabilities(self, X: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, bag, n_classes) sigmoid of the instance classifier's scores, 0 on padding."""
+        if mask is not None:
+            X = X.masked_fill(~mask.unsqueeze(-1), 0.0)  # (batch, bag, dim): NaN padding stays out
+        probabilities = torch.sigmoid(self.streams.instance_classifier(X))  # (batch, bag, n_classes)
+        if mask is not None:
+            probabilities = probabilities.masked_fill(~mask.unsqueeze(-1), 0.0)
+        return probabilities
 
     def compute_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """"cls" on the bag stream, "max_instance" on the critical instance's score, weight 1 each."""

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mil_train.models.base import MILModel, MILOutput, masked_softmax
+from mil_train.models.base import MILModel, MILOutput, ModuleFlag, masked_softmax
 from mil_train.models.registry import register_model
 from mil_train.nn import TransformerEncoder
 from mil_train.nn.prototype_memory import PrototypeMemory
@@ -42,12 +42,15 @@ class IIBMIL(MILModel):
     Inference: `logits` = the bag classifier on the class token (what torchmil's eval forward
     returns); `attention` = the instance classifier's score normalised by a masked softmax over the
     bag: the logit for n_classes=1 (torchmil's instance prediction), for n_classes >= 2 the
-    log-probability of the bag's predicted class. Loss terms: "cls" and "instance" (weight 1 each).
+    log-probability of the bag's predicted class. `instance_probabilities` (batch, bag, n_classes) = the
+    instance classifier's probabilities as it is trained: sigmoid for n_classes=1, softmax over the
+    classes otherwise; 0 on padding. Loss terms: "cls" and "instance" (weight 1 each).
     Full self-attention, O(N^2) time, no (heads, N, N) tensor allocated. The decoder attends over
     N + 1 tokens: `max_bag_size` is the largest N whose (4, N+1, N+1) float32 attention would fit 4 GiB.
     """
 
     name = "IIBMIL"
+    instance_classifier = ModuleFlag()  # True on the class; the nn.Linear below on an instance
     max_bag_size = max_bag_for_attention(DEFAULT_HEADS, extra_tokens=1)
 
     def __init__(
@@ -116,7 +119,18 @@ class IIBMIL(MILModel):
     ) -> MILOutput:
         _, instance_logits, bag_logits = self.encode(X, mask)
         attention = masked_softmax(self.instance_scores(instance_logits, bag_logits), mask)  # (batch, bag)
-        return MILOutput(logits=bag_logits, attention=attention)
+        return MILOutput(logits=bag_logits, attention=attention,
+                         instance_probabilities=self.instance_probabilities(instance_logits, mask))
+
+    def instance_probabilities(self, instance_logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """(batch, bag, n_classes): sigmoid (binary) or softmax over classes of the instance logits, 0 on padding."""
+        if self.n_classes == 1:
+            probabilities = torch.sigmoid(instance_logits)  # (batch, bag, 1)
+        else:
+            probabilities = torch.softmax(instance_logits, dim=-1)  # (batch, bag, n_classes)
+        if mask is not None:
+            probabilities = probabilities.masked_fill(~mask.unsqueeze(-1), 0.0)
+        return probabilities
 
     # -- training --------------------------------------------------------------------------------
 
