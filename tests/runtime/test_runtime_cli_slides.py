@@ -128,3 +128,49 @@ def test_every_bad_slide_is_one_line_and_the_good_one_still_completes(tmp_path, 
         assert alone.returncode == code, (path, alone.stderr)
         assert alone.stderr.count("\n") == 1
     assert not (tmp_path / "alone").exists() or list((tmp_path / "alone").iterdir()) == []
+
+
+def test_outputs_roi_and_frame_through_mil_infer(tmp_path, slide_model):
+    if not SLIDE.exists():
+        pytest.skip(f"{SLIDE} is missing")
+    roi = tmp_path / "CMU-1-Small-Region.geojson"  # the top half of the region, as QuPath exports it
+    roi.write_text(json.dumps([{"type": "Feature", "properties": {"objectType": "annotation"},
+                                "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [2220, 0], [2220, 1400],
+                                                                                 [0, 1400], [0, 0]]]}}]))
+    out = tmp_path / "out"
+    run = mil_infer(SLIDE, "--model", slide_model, "--out", out, "--json", "--quiet",
+                    "--outputs", "geojson,csv", "--roi", tmp_path, "--geojson-frame", "level0")
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "CMU-1-Small-Region.json", "CMU-1-Small-Region.tiles.csv", "CMU-1-Small-Region.tiles.geojson"]
+    assert result["roi"]["file"] == str(roi) and result["roi"]["n_polygons"] == 1
+    tile_px_level0 = result["tiling"]["tile_level0"]
+    assert result["tiles"] and all(t["y"] + tile_px_level0 / 2 <= 1400 for t in result["tiles"])
+    assert result["output_options"] == {"outputs": ["json", "geojson", "csv"], "geojson_frame": "level0",
+                                        "geojson_offset": [0, 0]}
+
+
+@pytest.mark.faults
+def test_unknown_output_name_is_a_usage_error(tmp_path, slide_model):
+    run = mil_infer(SLIDE, "--model", slide_model, "--out", tmp_path, "--outputs", "json,pdf")
+    assert run.returncode == 2 and run.stderr.count("\n") == 1
+    assert "unknown output 'pdf'" in run.stderr and "see mil-infer --help" in run.stderr
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.faults
+def test_roi_on_a_feature_file_is_refused(tmp_path, slide_model, features_h5_for_slide_model):
+    roi = tmp_path / "roi.geojson"
+    roi.write_text(json.dumps({"type": "Polygon", "coordinates": [[[0, 0], [9, 0], [9, 9], [0, 0]]]}))
+    run = mil_infer(features_h5_for_slide_model, "--model", slide_model, "--roi", roi)
+    assert run.returncode == 6 and run.stderr.count("\n") == 1 and "give the slide instead" in run.stderr
+
+
+@pytest.fixture
+def features_h5_for_slide_model(tmp_path, slide_model) -> Path:
+    if not SLIDE.exists():
+        pytest.skip(f"{SLIDE} is missing")
+    out = tmp_path / "encoded"
+    assert mil_infer(SLIDE, "--model", slide_model, "--out", out, "--quiet").returncode == 0
+    return out / "CMU-1-Small-Region.features.h5"
