@@ -78,7 +78,7 @@ class ContractWrapper(nn.Module):
         if self.per_instance:
             if out.instance_probabilities is None:
                 raise MilkitError(
-                    f"{self.model.name} declares instance_classifier = True but its forward left "
+                    f"{self.model.name} declares instance_outputs = True but its forward left "
                     "MILOutput.instance_probabilities empty; fill it with the (batch, bag, n_classes) probabilities"
                 )
             outputs.append(out.instance_probabilities)  # (batch, bag, n_classes)

@@ -24,7 +24,7 @@ class MILOutput:
     instance_probabilities: (batch, bag, n_classes) each instance's probability of class-k evidence, read
                         off the model's own instance classifier (binary: (batch, bag, 1), the positive
                         class); exactly 0 on padding; None for models without an instance classifier.
-                        Models that set it declare `instance_classifier = True`, and the exporter adds
+                        Models that set it declare `instance_outputs = True`, and the exporter adds
                         it as an ONNX output.
     """
 
@@ -34,28 +34,9 @@ class MILOutput:
     instance_probabilities: torch.Tensor | None = None
 
 
-class ModuleFlag:
-    """A class attribute that reads True on the class and the submodule of the same name on an instance.
-
-    For a model whose instance classifier submodule is itself called `instance_classifier` (IIBMIL,
-    whose state_dict keys, checkpoints and exported initializers use that name): a plain
-    `instance_classifier = True` on the class would hide the submodule, since nn.Module keeps
-    submodules in `_modules` and Python finds the class attribute first. `type(model).instance_classifier`
-    is True; `model.instance_classifier` is the module (truthy).
-    """
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, obj: Any, owner: type | None = None) -> Any:
-        if obj is None:
-            return True
-        return obj._modules[self.name]
-
-
 def has_instance_classifier(model: nn.Module) -> bool:
-    """The model declares `instance_classifier` (forward fills MILOutput.instance_probabilities)."""
-    return getattr(type(model), "instance_classifier", False) is True
+    """The model declares `instance_outputs` (forward fills MILOutput.instance_probabilities)."""
+    return bool(getattr(model, "instance_outputs", False))
 
 
 class MILModel(nn.Module):
@@ -69,8 +50,8 @@ class MILModel(nn.Module):
       uses_graph  -> edge_index / edge_weight are inputs (graph rule in `graph_rule`)
       uses_coords -> coords is an input
       class_attention -> forward fills `attention_by_class`, exported as an extra output
-      instance_classifier -> forward fills `instance_probabilities`, exported as an extra output
-                      (read it with `has_instance_classifier(model)`; see `ModuleFlag`)
+      instance_outputs -> forward fills `instance_probabilities` (from the model's instance
+                      classifier), exported as an extra output
 
     Two more describe how far the model is checked:
       max_bag_size -> None for models linear in N; for full self-attention models the largest bag
@@ -83,7 +64,7 @@ class MILModel(nn.Module):
     uses_graph: bool = False
     uses_coords: bool = False
     class_attention: bool = False
-    instance_classifier: bool = False
+    instance_outputs: bool = False
     max_bag_size: int | None = None
     attention_localises: bool = True
 

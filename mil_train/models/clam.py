@@ -27,7 +27,7 @@ class _CLAM(MILModel):
     Subclasses build `self.pool` and the bag classifier(s) and implement `_pool_and_classify`.
     """
 
-    instance_classifier = True
+    instance_outputs = True
 
     def __init__(
         self,

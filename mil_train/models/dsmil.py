@@ -36,7 +36,7 @@ class DSMIL(MILModel):
     """
 
     name = "DSMIL"
-    instance_classifier = True
+    instance_outputs = True
 
     def __init__(
         self,

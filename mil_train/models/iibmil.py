@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mil_train.models.base import MILModel, MILOutput, ModuleFlag, masked_softmax
+from mil_train.models.base import MILModel, MILOutput, masked_softmax
 from mil_train.models.registry import register_model
 from mil_train.nn import TransformerEncoder
 from mil_train.nn.prototype_memory import PrototypeMemory
@@ -50,7 +50,7 @@ class IIBMIL(MILModel):
     """
 
     name = "IIBMIL"
-    instance_classifier = ModuleFlag()  # True on the class; the nn.Linear below on an instance
+    instance_outputs = True
     max_bag_size = max_bag_for_attention(DEFAULT_HEADS, extra_tokens=1)
 
     def __init__(
