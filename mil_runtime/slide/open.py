@@ -15,6 +15,7 @@ import openslide
 from PIL import Image
 
 from mil_runtime.errors import InputNotFoundError, SlideReadError
+from mil_runtime.slide.dicom import is_dicom_input, resolve_dicom_input
 
 PROBE_PX = 16  # side of the region read at open time to catch undecodable tiles early
 
@@ -97,12 +98,28 @@ class Slide:
 
 
 def open_handle(path: str | os.PathLike) -> openslide.OpenSlide:
-    """A raw OpenSlide handle, with open failures mapped to InputNotFoundError / SlideReadError."""
+    """A raw OpenSlide handle, with open failures mapped to InputNotFoundError / SlideReadError.
+
+    A DICOM slide (its series folder, or any .dcm of the series: mil_runtime.slide.dicom) opens
+    through its level-0 instance; OpenSlide finds the series' other files beside it.
+    """
     path = Path(path)
     if not path.exists():
         raise InputNotFoundError(f"slide not found: {path}")
-    if not path.is_file():
+    if path.is_dir() or is_dicom_input(path):
+        target = resolve_dicom_input(path)  # SlideReadError for a folder / file that holds no slide
+    elif not path.is_file():
         raise SlideReadError(f"{path} is not a file; give the path of a whole-slide image file")
+    else:
+        target = path
+    if target != path:
+        try:
+            return openslide.OpenSlide(str(target))
+        except (openslide.OpenSlideError, OSError, Image.DecompressionBombError) as exc:
+            raise SlideReadError(  # DICOM: the series resolved, but OpenSlide refuses it (codec, layout)
+                f"OpenSlide cannot open the DICOM slide {path} through {target.name} ({_first_line(exc)}); "
+                "export it as TILED_FULL JPEG / JPEG 2000 frames, or convert it to a pyramidal TIFF"
+            ) from None
     try:
         return openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError:

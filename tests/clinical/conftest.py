@@ -1,0 +1,45 @@
+"""Fixtures of the clinical-format tests: one DICOM WSI series per session, made from a synthetic slide.
+
+The series is written by tests/clinical/dicom_helpers.py with pydicom alone (not by the code under
+test, not by highdicom) from the demo's synthetic slide: 2048 x 2048 px at 0.5 um/px, 3 levels,
+two planted lesions, 256 px JPEG frames.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dicom_helpers import DicomWsi, tiff_levels, write_dicom_wsi  # noqa: E402
+
+SLIDE_PX = 2048
+INSTALL = 'pip install -c constraints.txt "milkit[dicom]"'
+
+
+def require_dicom_extra() -> None:
+    """Fail (not skip) naming the install command when the dicom extra is missing: CI installs it."""
+    import importlib.util
+
+    missing = [name for name in ("pydicom", "highdicom", "wsidicom") if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.fail(f"the DICOM tests need {', '.join(missing)}: {INSTALL}")
+SLIDE_MPP = 0.5
+
+
+@pytest.fixture(scope="session")
+def dicom_wsi(tmp_path_factory) -> DicomWsi:
+    """A DICOM WSI series folder `series/` (level0.dcm .. level2.dcm) and its synthetic TIFF source."""
+    require_dicom_extra()
+    from mil_runtime.demo import write_synthetic_slide
+
+    root = tmp_path_factory.mktemp("dicom_wsi")
+    truth = write_synthetic_slide(root / "synthetic.tif", height=SLIDE_PX, width=SLIDE_PX, mpp=SLIDE_MPP,
+                                  lesions="random 2", tissue=0.6, seed=11, levels=3)
+    wsi = write_dicom_wsi(tiff_levels(truth.path), root / "series", SLIDE_MPP)
+    wsi.tiff = truth.path
+    wsi.truth = truth
+    return wsi
