@@ -5,10 +5,13 @@ in the source slide's study, each in a new series, both built with highdicom (pi
 "milkit[dicom]"):
 
 - `<stem>.annotations.dcm`, Microscopy Bulk Simple Annotations: one annotation group, "milkit tiles",
-  one RECTANGLE per tile in 2D image coordinates of the source's total pixel matrix (level 0; DICOM's
-  (0, 0) is the top-left corner of the top-left pixel, so a tile's corners are exactly its level-0
-  pixel edges x, x + size, y, y + size), with measurements `attention`, `attention_<class>` (models with
-  one map per class) and `tissue_fraction`, one value a tile in the tiles' order (float32, as the JSON).
+  one POLYGON per tile, its four corners (top-left, top-right, bottom-right, bottom-left; not closed,
+  as the standard wants) in 2D image coordinates of the source's total pixel matrix (level 0; DICOM's
+  (0, 0) is the top-left corner of the top-left pixel, so the corners are exactly the tile's level-0
+  pixel edges x, x + size, y, y + size). POLYGON, not RECTANGLE: wsidicom 0.36 reads only POINT,
+  POLYLINE and POLYGON groups (opening a series folder that holds a RECTANGLE group raises
+  NotImplementedError there). Measurements `attention`, `attention_<class>` (models with one map per
+  class) and `tissue_fraction`, one value a tile in the tiles' order (float32, as the JSON).
 - `<stem>.attention.dcm`, Parametric Map of attention on the tile grid: one pixel a grid cell (stride x
   stride level-0 px; without overlap a cell is exactly a tile), pixel spacing = the source's level-0
   spacing x stride, placed in the source's frame of reference (slide coordinates) so that the cell of
@@ -17,8 +20,10 @@ in the source slide's study, each in a new series, both built with highdicom (pi
   maps are in the annotations' measurements), float32, identity real world value mapping; cells
   without a tile are 0. The total pixel matrix is tiled in frames of at most 256 x 256.
 
-Both reference the source: its study, its level-0 instance (the geometry they are drawn on; the
-parametric map also lists the series' other instances as further sources), its frame of reference.
+Both reference the source: its study, patient, slide (container, specimen) and its level-0 instance
+(the geometry they are drawn on); the parametric map also lists the series' other instances as
+further sources and, being in slide coordinates, shares the source's frame of reference (the 2D
+annotations lie in the referenced image's pixel matrix and carry none: the IOD wants one for 3D only).
 Both carry the model's identity (result["model"]): a Contributing Equipment item (processing
 equipment: model name, software versions = the model file's sha256 and the milkit version that exported
 it, a description with all of it and the run key when the result has one), and the runtime's milkit
@@ -179,7 +184,7 @@ def build_annotations(source: Any, tiles: Any, result: dict):
     xy = np.asarray(tiles.xy_level0, dtype=np.float64).reshape(-1, 2)  # (N, 2) level-0 x, y
     size = float(tiles.size_level0)
     corners = np.array([[0, 0], [1, 0], [1, 1], [0, 1]], dtype=np.float64) * size  # (4, 2) col, row
-    rectangles = (xy[:, None, :] + corners[None, :, :]).astype(np.float32)  # (N, 4, 2)
+    rectangles = (xy[:, None, :] + corners[None, :, :]).astype(np.float32)  # (N, 4, 2) the polygons
     if rectangles.size and float(np.abs(rectangles).max()) >= 2**24:
         rectangles = rectangles.astype(np.float64)  # float32 is exact only below 2^24 px
     values = _tile_values(tiles)
@@ -189,7 +194,7 @@ def build_annotations(source: Any, tiles: Any, result: dict):
     group = hd.ann.AnnotationGroup(
         number=1, uid=generate_uid(), label=GROUP_LABEL,
         annotated_property_category=codes["category"], annotated_property_type=codes["type"],
-        graphic_type=hd.ann.GraphicTypeValues.RECTANGLE, graphic_data=list(rectangles),
+        graphic_type=hd.ann.GraphicTypeValues.POLYGON, graphic_data=list(rectangles),
         algorithm_type=hd.ann.AnnotationGroupGenerationTypeValues.AUTOMATIC,
         algorithm_identification=_algorithm(hd, result),
         measurements=[hd.ann.Measurements(name=names[key], values=values[key], unit=codes["unit"]) for key in values],

@@ -199,3 +199,29 @@ def test_mil_infer_refuses_bad_dicom_inputs_in_one_line(dicom_wsi, tmp_path):
         assert "level0.dcm" in run.stderr or str(bad) in run.stderr
     out = tmp_path / "out"
     assert not out.exists() or not [p for p in out.iterdir() if p.suffix in (".json", ".dcm", ".png")]
+
+
+@pytest.mark.faults
+def test_without_the_dicom_extra_a_dicom_slide_names_the_extra(dicom_wsi):
+    """pydicom / highdicom hidden from the import system: reading and writing DICOM say how to install them."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Hide(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('pydicom', 'highdicom'):\n"
+        "            raise ImportError(name)\n"
+        "sys.meta_path.insert(0, Hide())\n"
+        "from mil_runtime.errors import MilkitError\n"
+        "from mil_runtime.slide.open import open_slide\n"
+        "from mil_runtime.outputs.dicom import write_dicom_outputs\n"
+        "for call in (lambda: open_slide(sys.argv[1]), lambda: write_dicom_outputs(None, None, {}, 'a', 'b')):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except MilkitError as exc:\n"
+        "        assert 'pip install \"milkit[dicom]\"' in str(exc) and '\\n' not in str(exc), exc\n"
+        "    else:\n"
+        "        raise AssertionError('no error without the dicom extra')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(dicom_wsi.folder)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -124,7 +125,7 @@ def _check_model_identity(obj, model: dict) -> None:
 def _check_annotations(annotations, xy, size, values: dict[str, np.ndarray], model: dict) -> None:
     assert annotations.SOPClassUID == ANN_SOP_CLASS
     group = _group(annotations)
-    assert group.graphic_type.value == "RECTANGLE"
+    assert group.graphic_type.value == "POLYGON"
     rectangles = np.asarray(group.get_graphic_data("2D"))  # (N, 4, 2) (col, row), (0, 0) = corner of pixel (0, 0)
     x, y = np.asarray(xy, dtype=np.float64).T
     expected = np.stack([np.stack([x, y], 1), np.stack([x + size, y], 1), np.stack([x + size, y + size], 1),
@@ -211,13 +212,25 @@ def test_bad_values_raise_and_write_nothing(dicom_wsi, tmp_path):
 @pytest.mark.parametrize("given", ["folder", "level1.dcm"])
 def test_mil_infer_writes_both_dicom_objects_into_the_set(dicom_wsi, tmp_path, given):
     """`mil-infer <series folder>` / `<one .dcm>`: the set holds both objects; every tile's attention
-    in them is the JSON record's, every reference is the source series'."""
-    path = dicom_wsi.folder if given == "folder" else dicom_wsi.folder / given
-    out = tmp_path / "out"
+    in them is the JSON record's, every reference is the source series'.
+
+    The folder run writes its outputs into (a copy of) the series folder itself, as a PACS export
+    folder would get them, and runs again there: the objects beside the slide do not disturb it, and
+    wsidicom opens the folder with them and reads the tiles back.
+    """
+    if given == "folder":
+        path = out = Path(shutil.copytree(dicom_wsi.folder, tmp_path / "series"))
+    else:
+        path, out = dicom_wsi.folder / given, tmp_path / "out"
     args = [path, "--model", DEMO_MODEL, "--out", out, "--quiet", "--json"]
     run = mil_infer(*args) if given == "folder" else mil_infer(*args, "--outputs", "json,csv,dicom")
     assert run.returncode == 0, run.stderr
     stem = path.stem
+    if given == "folder":
+        first = json.loads((out / f"{stem}.json").read_text())
+        again = mil_infer(*args)
+        assert again.returncode == 0, again.stderr
+        assert json.loads((out / f"{stem}.json").read_text())["tiles"] == first["tiles"]
     output_set = read_output_set(out, stem)
     assert output_set.complete, output_set.reason
     annotations_path, map_path = out / f"{stem}.annotations.dcm", out / f"{stem}.attention.dcm"
@@ -249,3 +262,17 @@ def test_mil_infer_writes_both_dicom_objects_into_the_set(dicom_wsi, tmp_path, g
     assert np.count_nonzero(grid) == len(attention)
     _check_model_identity(pm, record["model"])
     _check_references(pm, dicom_wsi, expect_all_levels=True)
+
+    if given == "folder":  # a second, independent DICOM reader: wsidicom, on the folder with our objects in it
+        from wsidicom import WsiDicom
+
+        with WsiDicom.open(out) as wsi:
+            groups = [group for instance in wsi.annotations for group in instance.groups]
+            assert [group.label for group in groups] == ["milkit tiles"]
+            polygons = groups[0].annotations
+            assert len(polygons) == len(tiles)
+            for polygon, (x, y), weight in zip(polygons, xy.tolist(), attention.tolist()):
+                corners = [(float(c), float(r)) for c, r in polygon.geometry.to_coords()]
+                assert corners == [(x, y), (x + size, y), (x + size, y + size), (x, y + size)]
+                values = {m.code.meaning: m.value for m in polygon.measurements}
+                assert np.float32(values["attention"]) == np.float32(weight)
