@@ -305,8 +305,9 @@ class DicomSource:
     `pixel_spacing` is (row spacing, column spacing) in mm of the total pixel matrix (level 0);
     `image_orientation` the six direction cosines of Image Orientation (Slide); `origin` the (x, y)
     in mm of the Total Pixel Matrix Origin in the slide coordinate system. `dataset` is level 0's
-    data set without pixel data, `other_datasets` the series' other instances' (further levels,
-    label, overview), all as pydicom read them.
+    data set without pixel data, `other_datasets` the pyramid's other levels' (VOLUME instances),
+    as pydicom read them; `instances` lists every instance of the series in the folder (levels
+    first, largest first, then label / overview / thumbnail images).
     """
 
     path: Path  # what the user gave (folder or file)
@@ -355,11 +356,10 @@ def read_dicom_source(path: str | os.PathLike) -> DicomSource:
     except (AttributeError, IndexError, TypeError, ValueError):
         origin = (0.0, 0.0)
     orientation = tuple(float(v) for v in (ds.get("ImageOrientationSlide") or (0, -1, 0, -1, 0, 0)))
-    others = []
     series = str(_require(ds, "SeriesInstanceUID", level0))
-    for item in sorted(series_items, key=lambda i: (-i.pixels, str(i.path))):
-        if item.path != level0:
-            others.append(_read_header(item.path))
+    rest = [item for item in sorted(series_items, key=lambda i: (-i.pixels, str(i.path))) if item.path != level0]
+    levels = [_read_header(item.path) for item in rest if item.flavor == "VOLUME"]  # the pyramid's other levels
+    extras = [(item.sop_class_uid, item.sop_instance_uid) for item in rest if item.flavor != "VOLUME"]
     specimens = tuple(str(s.get("SpecimenIdentifier", "")) for s in ds.get("SpecimenDescriptionSequence", []) or [])
     return DicomSource(
         path=path, file=level0,
@@ -375,8 +375,8 @@ def read_dicom_source(path: str | os.PathLike) -> DicomSource:
         origin=origin,
         container_identifier=str(ds.ContainerIdentifier) if ds.get("ContainerIdentifier") else None,
         specimen_identifiers=specimens,
-        instances=tuple((str(d.SOPClassUID), str(d.SOPInstanceUID)) for d in [ds, *others]),
-        dataset=ds, other_datasets=tuple(others),
+        instances=tuple((str(d.SOPClassUID), str(d.SOPInstanceUID)) for d in [ds, *levels]) + tuple(extras),
+        dataset=ds, other_datasets=tuple(levels),
     )
 
 

@@ -34,8 +34,14 @@ class DicomWsi:
     size: tuple[int, int]  # (width, height) of level 0
     container_id: str = "SLIDE-1"
     level_sizes: list[tuple[int, int]] = field(default_factory=list)
+    has_label: bool = False
     tiff: Path | None = None  # the synthetic TIFF the levels came from (conftest)
     truth: Any = None  # its mil_runtime.demo.SyntheticSlide (conftest)
+
+    @property
+    def level_uids(self) -> list[str]:
+        """SOP instance UIDs of the pyramid levels (level 0 first), without the label's."""
+        return self.sop_instance_uids[:len(self.level_sizes)]
 
 
 def _frames(level: np.ndarray, tile: int, quality: int) -> list[bytes]:
@@ -64,8 +70,12 @@ def _code(value: str, scheme: str, meaning: str):
 
 
 def write_dicom_wsi(levels: list[np.ndarray], folder: Path, mpp: float, *, tile: int = 256, quality: int = 90,
-                    seed: int = 0) -> DicomWsi:
-    """Write `levels` (level 0 first, (H, W, 3) uint8 each) as a DICOM WSI series in `folder`."""
+                    seed: int = 0, label: bool = False) -> DicomWsi:
+    """Write `levels` (level 0 first, (H, W, 3) uint8 each) as a DICOM WSI series in `folder`.
+
+    `label`: add `label.dcm`, a LABEL image of the series (one 256 x 128 frame), as scanners do;
+    its UID is last in `sop_instance_uids`, its file last in `files`.
+    """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.encaps import encapsulate
     from pydicom.uid import generate_uid
@@ -77,11 +87,16 @@ def write_dicom_wsi(levels: list[np.ndarray], folder: Path, mpp: float, *, tile:
     study, series, frame_of_reference = (generate_uid(prefix, entropy + [k]) for k in ("study", "series", "for"))
     height0, width0 = levels[0].shape[:2]
     files, uids, sizes = [], [], []
-    for index, level in enumerate(levels):
+    images = list(enumerate(levels))
+    if label:
+        stripes = np.full((128, 256, 3), 250, dtype=np.uint8)
+        stripes[16:112:8, 16:240] = 20  # something like a printed barcode
+        images.append((-1, stripes))
+    for index, level in images:
         h, w = level.shape[:2]
         scale = width0 / w
         spacing_mm = mpp * scale / 1000.0
-        uid = generate_uid(prefix, entropy + [f"level{index}"])
+        uid = generate_uid(prefix, entropy + [f"level{index}" if index >= 0 else "label"])
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = WSI_SOP_CLASS
         meta.MediaStorageSOPInstanceUID = uid
@@ -91,12 +106,13 @@ def write_dicom_wsi(levels: list[np.ndarray], folder: Path, mpp: float, *, tile:
         ds.SOPClassUID, ds.SOPInstanceUID = WSI_SOP_CLASS, uid
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame_of_reference
         ds.Modality = "SM"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE" if index == 0 else "RESAMPLED"]
+        ds.ImageType = (["ORIGINAL", "PRIMARY", "LABEL", "NONE"] if index < 0 else
+                        ["ORIGINAL", "PRIMARY", "VOLUME", "NONE" if index == 0 else "RESAMPLED"])
         ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Synthetic^Slide", "MILKIT-TEST", "", "O"
         ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20261201", "120000", "1", "ACC1"
         ds.ReferringPhysicianName = ""
         ds.ContentDate, ds.ContentTime, ds.AcquisitionDateTime = "20261201", "120000", "20261201120000"
-        ds.SeriesNumber, ds.InstanceNumber = 1, index + 1
+        ds.SeriesNumber, ds.InstanceNumber = 1, index + 1 if index >= 0 else len(levels) + 1
         ds.Manufacturer, ds.ManufacturerModelName = "milkit tests", "synthetic"
         ds.DeviceSerialNumber, ds.SoftwareVersions = "0", "1"
         ds.PositionReferenceIndicator = "SLIDE_CORNER"
@@ -146,13 +162,14 @@ def write_dicom_wsi(levels: list[np.ndarray], folder: Path, mpp: float, *, tile:
         ds.NumberOfOpticalPaths = 1
         ds.PixelData = encapsulate(frames)
         ds["PixelData"].VR = "OB"
-        path = folder / f"level{index}.dcm"
+        path = folder / (f"level{index}.dcm" if index >= 0 else "label.dcm")
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
         uids.append(uid)
-        sizes.append((w, h))
+        if index >= 0:
+            sizes.append((w, h))
     return DicomWsi(folder, files, study, series, frame_of_reference, uids, mpp, (width0, height0),
-                    level_sizes=sizes)
+                    level_sizes=sizes, has_label=label)
 
 
 def tiff_levels(path: Path) -> list[np.ndarray]:

@@ -75,7 +75,7 @@ def _secondary_capture(path: Path) -> Path:
 
 
 # -- reading ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("given", ["folder", "level0.dcm", "level2.dcm"])
+@pytest.mark.parametrize("given", ["folder", "level0.dcm", "level2.dcm", "label.dcm"])
 def test_openslide_reads_the_series_from_its_folder_or_any_instance(dicom_wsi, given):
     from wsidicom import WsiDicom
 
@@ -122,6 +122,7 @@ def test_is_dicom_input_tells_dicom_from_other_inputs_without_pydicom(dicom_wsi,
 def test_the_source_identity_is_the_series_own(dicom_wsi):
     assert resolve_dicom_input(dicom_wsi.folder) == dicom_wsi.files[0]
     assert resolve_dicom_input(dicom_wsi.files[2]) == dicom_wsi.files[0]  # the series' level 0, not the file given
+    assert resolve_dicom_input(dicom_wsi.folder / "label.dcm") == dicom_wsi.files[0]
     source = read_dicom_source(dicom_wsi.files[1])
     assert source.file == dicom_wsi.files[0]
     assert source.study_instance_uid == dicom_wsi.study_uid
@@ -137,7 +138,8 @@ def test_the_source_identity_is_the_series_own(dicom_wsi):
     assert source.container_identifier == dicom_wsi.container_id
     assert source.specimen_identifiers == ("SPECIMEN-1",)
     assert "PixelData" not in source.dataset  # headers only: a source never holds a slide's frames
-    assert sorted(d.SOPInstanceUID for d in source.other_datasets) == sorted(dicom_wsi.sop_instance_uids[1:])
+    assert [d.SOPInstanceUID for d in source.other_datasets] == dicom_wsi.level_uids[1:]  # levels, not the label
+    assert source.instances[-1][1] == dicom_wsi.sop_instance_uids[-1]  # the label is listed, last
 
 
 def test_a_folder_with_two_slides_asks_for_one_file(dicom_wsi, tmp_path):

@@ -106,7 +106,7 @@ def _check_references(obj, wsi, expect_all_levels: bool) -> None:
             referenced[item.ReferencedSOPInstanceUID] = (series.SeriesInstanceUID, item.ReferencedSOPClassUID)
     assert referenced[wsi.sop_instance_uids[0]] == (wsi.series_uid, WSI_SOP_CLASS)  # level 0: the geometry
     if expect_all_levels:
-        assert set(referenced) == set(wsi.sop_instance_uids)
+        assert set(referenced) == set(wsi.level_uids)  # the pyramid, not its label
     assert all(series == wsi.series_uid for series, _ in referenced.values())
 
 
