@@ -280,13 +280,15 @@ def _resolve_cached(path: str, stamp: tuple) -> tuple[_Instance, tuple[_Instance
 
 
 def _stamp(path: Path) -> tuple:
-    """What invalidates a cached resolution: name, size and mtime of every file in the folder."""
+    """What invalidates a cached resolution: name, size and mtime of every (non-hidden) file in the folder."""
     folder = path if path.is_dir() else path.parent
     stamps = []
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if entry.is_file():
-            info = entry.stat()
-            stamps.append((entry.name, info.st_size, info.st_mtime_ns))
+    for file in _folder_files(folder):
+        try:
+            info = file.stat()
+        except OSError:  # removed meanwhile
+            continue
+        stamps.append((file.name, info.st_size, info.st_mtime_ns))
     return tuple(stamps)
 
 

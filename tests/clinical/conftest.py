@@ -14,20 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dicom_helpers import DicomWsi, tiff_levels, write_dicom_wsi  # noqa: E402
-
-SLIDE_PX = 2048
-INSTALL = 'pip install -c constraints.txt "milkit[dicom]"'
-
-
-def require_dicom_extra() -> None:
-    """Fail (not skip) naming the install command when the dicom extra is missing: CI installs it."""
-    import importlib.util
-
-    missing = [name for name in ("pydicom", "highdicom", "wsidicom") if importlib.util.find_spec(name) is None]
-    if missing:
-        pytest.fail(f"the DICOM tests need {', '.join(missing)}: {INSTALL}")
-SLIDE_MPP = 0.5
+from dicom_helpers import SLIDE_MPP, SLIDE_PX, DicomWsi, require_dicom_extra, tiff_levels, write_dicom_wsi  # noqa: E402
 
 
 @pytest.fixture(scope="session")

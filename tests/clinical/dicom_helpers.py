@@ -18,6 +18,20 @@ import numpy as np
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 ORIGIN_MM = (20.0, 40.0)  # total pixel matrix origin in the slide coordinate system
+SLIDE_PX = 2048  # the session's test slide (conftest): level-0 side and resolution
+SLIDE_MPP = 0.5
+INSTALL = 'pip install -c constraints.txt "milkit[dicom]"'
+
+
+def require_dicom_extra() -> None:
+    """Fail (not skip) naming the install command when the dicom extra is missing: CI installs it."""
+    import importlib.util
+
+    import pytest
+
+    missing = [name for name in ("pydicom", "highdicom", "wsidicom") if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.fail(f"the DICOM tests need {', '.join(missing)}: {INSTALL}")
 
 
 @dataclass

@@ -21,8 +21,7 @@ from mil_runtime.slide.dicom import is_dicom_input, read_dicom_source, resolve_d
 from mil_runtime.slide.mpp import OPENSLIDE, resolve_mpp
 from mil_runtime.slide.open import open_slide
 
-from conftest import SLIDE_MPP, SLIDE_PX
-from dicom_helpers import ORIGIN_MM, WSI_SOP_CLASS, tiff_levels, write_dicom_wsi
+from dicom_helpers import SLIDE_MPP, SLIDE_PX, ORIGIN_MM, WSI_SOP_CLASS, tiff_levels, write_dicom_wsi
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_MODEL = ROOT / "models" / "demo" / "abmil_demo.onnx"

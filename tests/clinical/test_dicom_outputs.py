@@ -23,8 +23,7 @@ from mil_runtime.outputs.record import read_output_set
 from mil_runtime.outputs.writer import TileTable
 from mil_runtime.slide.dicom import read_dicom_source
 
-from conftest import SLIDE_MPP, SLIDE_PX
-from dicom_helpers import WSI_SOP_CLASS
+from dicom_helpers import SLIDE_MPP, SLIDE_PX, WSI_SOP_CLASS
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_MODEL = ROOT / "models" / "demo" / "abmil_demo.onnx"
