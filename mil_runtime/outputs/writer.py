@@ -219,22 +219,24 @@ def write_slide_outputs(
                                 tiles.attention, tiles.attention_by_class, tiles.instance_probabilities)
         if "features" in temp:
             write_feature_file(temp["features"], **features)
+        run_key = result_run_key(to_jsonable(result), verify=verify)  # known before the record: DSA, DICOM carry it
+        if "dsa" in temp or "dicom_annotations" in temp:
+            provenance = {**to_jsonable(result), RECORD_FIELD: {"run_key": run_key}}
         if "dsa" in temp:
             from mil_runtime.outputs.dsa import dsa_annotation
 
-            _dump_json(temp["dsa"], dsa_annotation(tiles, to_jsonable(result)))
+            _dump_json(temp["dsa"], dsa_annotation(tiles, provenance))
         if "dicom_annotations" in temp:
             from mil_runtime.outputs.dicom import write_dicom_outputs
 
-            write_dicom_outputs(dicom_source, tiles, to_jsonable(result), temp["dicom_annotations"],
-                                temp["dicom_attention"])
+            write_dicom_outputs(dicom_source, tiles, provenance, temp["dicom_annotations"], temp["dicom_attention"])
         if before_record is not None:
             before_record(result)
         members = {paths[kind].name: temp[kind] for kind in kinds if kind != "result"}
         if "features" in outputs and features is None and paths["features"].is_file():  # reused features
             members[paths["features"].name] = paths["features"]
             kinds.append("features")
-        write_record(temp["result"], result, members, verify=verify)
+        write_record(temp["result"], result, members, run_key, verify=verify)
     return {kind: paths[kind] for kind in kinds}
 
 
