@@ -4,9 +4,12 @@
 The key is the sha256 of a canonical JSON document of
 - the input's identity: its size and mtime (ns), or its sha256 when `verify` is true;
 - the model's and the encoder's sha256;
-- every setting that changes results: tile px, mpp used, overlap, tissue settings, pyramid level,
-  precision, graph rule, the regions tiling was restricted to (--roi, by sha256 and frame), and what
-  the set holds (the outputs chosen, the GeoJSON frame), so a set made with other outputs is redone.
+- every setting that changes results, as the caller chose it (`run_settings`): --mpp, the tissue
+  threshold, the regions tiling was restricted to (--roi, by sha256 and frame), and what the set
+  holds (the outputs chosen, the GeoJSON frame), so a set made with other outputs is redone. Tile px,
+  target mpp, overlap, precision and graph rule are the model's, so its sha256 covers them; the mpp a
+  slide records, the level read and its bounds follow from the slide's identity. The key is thus
+  known before the input is opened (a cohort's resume opens no slide).
 Paths and timings are not part of it: the same slide moved elsewhere with the same mtime is the same run.
 """
 
@@ -19,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-RUN_KEY_VERSION = 2  # bump when the document below changes meaning (2: roi, outputs, GeoJSON frame)
+RUN_KEY_VERSION = 3  # bump when the document below changes meaning (3: the settings as asked for, run_settings)
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -59,33 +62,45 @@ def compute_run_key(input_path: str | os.PathLike, *, model_sha256: str | None, 
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def result_settings(result: Mapping[str, Any], metadata: Any = None) -> dict[str, Any]:
-    """The result-changing settings of a result document (mil_runtime.outputs.result) and the model's metadata."""
-    tiling = result.get("tiling") or {}
-    tiling_meta = getattr(metadata, "tiling", None)
+def run_settings(*, mpp_override: float | None = None, tissue_threshold: float | None = None,
+                 roi_sha256: str | None = None, roi_frame: str | None = None,
+                 outputs: list[str] | tuple[str, ...] | None = None, geojson_frame: str | None = None) -> dict[str, Any]:
+    """The result-changing settings of a run, as asked for: known before the input is opened.
+
+    What the slide itself decides (the mpp it records, the pyramid level read, its bounds offset) is
+    fixed by the input's identity, and the model's tiling, precision and graph rule by its sha256, so
+    the key needs only what the caller chose: --mpp, --tissue-threshold, --roi (by sha256 and frame),
+    the outputs and the GeoJSON frame. A cohort can thus tell a finished slide without opening it.
+    """
     return {
-        "tile_px": tiling.get("tile_px"),
-        "mpp": (result.get("mpp") or {}).get("value"),
-        "overlap": getattr(tiling_meta, "overlap", None),
-        "stride_level0": tiling.get("stride_level0"),
-        "tissue": {"threshold": (result.get("tissue") or {}).get("threshold"),
-                   "mask_mpp": (result.get("tissue") or {}).get("mask_mpp")},
-        "level": tiling.get("level_used", tiling.get("level")),
-        "precision": getattr(metadata, "precision", None) or "fp32",
-        "graph": getattr(metadata, "graph", None),
-        "roi": {key: roi.get(key) for key in ("sha256", "frame", "offset")} if isinstance(roi := result.get("roi"), dict) else None,
-        "outputs": result.get("output_options") or None,
+        "mpp_override": mpp_override,
+        "tissue_threshold": tissue_threshold,
+        "roi": {"sha256": roi_sha256, "frame": roi_frame} if roi_sha256 is not None else None,
+        "outputs": {"outputs": list(outputs), "geojson_frame": geojson_frame} if outputs is not None else None,
     }
 
 
-__all__ = ["compute_run_key", "file_sha256", "input_identity", "result_run_key", "result_settings"]
+def result_settings(result: Mapping[str, Any]) -> dict[str, Any]:
+    """run_settings of the run that made a result document (mil_runtime.outputs.result)."""
+    mpp = result.get("mpp") or {}
+    roi = result.get("roi") if isinstance(result.get("roi"), dict) else {}
+    options = result.get("output_options") or {}
+    return run_settings(
+        mpp_override=mpp.get("value") if mpp.get("source") == "override" else None,
+        tissue_threshold=(result.get("tissue") or {}).get("threshold"),
+        roi_sha256=roi.get("sha256"), roi_frame=roi.get("frame"),
+        outputs=options.get("outputs"), geojson_frame=options.get("geojson_frame"),
+    )
 
 
-def result_run_key(result: Mapping[str, Any], metadata: Any = None, verify: bool = False) -> str | None:
+__all__ = ["compute_run_key", "file_sha256", "input_identity", "result_run_key", "result_settings", "run_settings"]
+
+
+def result_run_key(result: Mapping[str, Any], verify: bool = False) -> str | None:
     """compute_run_key for a result document (mil_runtime.outputs.result); None when its input is gone."""
     path = (result.get("input") or {}).get("path")
     if not path or not Path(path).exists():
         return None
     return compute_run_key(path, model_sha256=(result.get("model") or {}).get("sha256"),
                            encoder_sha256=(result.get("encoder") or {}).get("sha256"),
-                           settings=result_settings(result, metadata), verify=verify)
+                           settings=result_settings(result), verify=verify)

@@ -271,3 +271,27 @@ def test_instance_probabilities_become_prob_columns(bounds_slide, tmp_path):
     with open(tmp_path / "bounded.tiles.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     np.testing.assert_allclose([float(r["prob_positive"]) for r in rows], darkness, rtol=1e-6)
+
+
+def test_the_run_key_is_known_before_the_slide_is_opened(bounds_slide, tmp_path):
+    """The key a run records equals the one computed from the request alone (what a cohort's resume uses)."""
+    from mil_runtime.run_key import compute_run_key, file_sha256, run_settings
+    from mil_runtime.slide.tissue import TISSUE_THRESHOLD
+
+    roi = qupath_export(tmp_path / "r.geojson", [{"type": "Polygon", "coordinates": [square(*TISSUE)]}])
+    runs = {
+        "plain": ({}, run_settings(tissue_threshold=TISSUE_THRESHOLD, outputs=["json", "heatmap", "tissue", "geojson",
+                                                                               "csv", "features"],
+                                   geojson_frame="bounds")),
+        "chosen": ({"roi": roi, "mpp": 0.5, "tissue_threshold": 0.4, "outputs": "csv,json", "geojson_frame": "level0"},
+                   run_settings(mpp_override=0.5, tissue_threshold=0.4, roi_sha256=file_sha256(roi), roi_frame="level0",
+                                outputs=["json", "csv"], geojson_frame="level0")),
+    }
+    keys = set()
+    for name, (options, settings) in runs.items():
+        result = run(bounds_slide, tmp_path / name, **options)
+        expected = compute_run_key(bounds_slide, model_sha256=result.runner.sha256, encoder_sha256=result.encoder["sha256"],
+                                   settings=settings)
+        assert read_output_set(tmp_path / name, "bounded").run_key == expected
+        keys.add(expected)
+    assert len(keys) == 2
