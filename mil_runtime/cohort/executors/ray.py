@@ -107,7 +107,20 @@ def _exhausted(item: CohortItem, job: CohortJob, attempts: int, reason: str, die
             "see the Ray logs (/tmp/ray/session_latest/logs on the worker's node), then rerun with --retry-failed")
     key = _run_key_or_none(item, job)
     write_failure(item, MilkitError.exit_code, line, key)
+    _release_dead_claim(item)
     return ItemResult(item=item, status="failed", run_key=key, error_code=MilkitError.exit_code, error_line=line)
+
+
+def _release_dead_claim(item: CohortItem) -> None:
+    """Take over the dead worker's claim (and so remove its staged files) where this host can tell it is
+    dead (same host); on another host it is left for the next run, which takes it over once stale."""
+    from mil_runtime.claims import claim_stem
+
+    try:
+        with claim_stem(item.out_dir, item.stem):
+            pass
+    except MilkitError:
+        pass
 
 
 def _run_key_or_none(item: CohortItem, job: CohortJob) -> str | None:
@@ -151,7 +164,7 @@ def run_ray(items: Sequence[CohortItem], job: CohortJob, *, rerun: bool = False,
     if not items:
         return
     ray = _import_ray()
-    from ray.exceptions import RayActorError, RayError, RayTaskError
+    from ray.exceptions import RayError, RayTaskError
 
     started = _init_ray(ray, address, init_options)
     actors: dict[int, Any] = {}  # slot -> actor handle
@@ -185,12 +198,16 @@ def run_ray(items: Sequence[CohortItem], job: CohortJob, *, rerun: bool = False,
                 except Exception:  # already gone
                     pass
 
-        for _ in range(min(workers, len(items))):
-            start_actor()
+        def top_up() -> None:
+            """Enough actors for the pending slides, at most `workers` (dead ones are replaced here)."""
+            while pending and len(actors) < workers and len(waiting_ready) + len(idle) < len(pending):
+                start_actor()
+
         bar = _progress_bar(len(items), progress)
         done = 0
         try:
             while done < len(items):
+                top_up()
                 while idle and pending:
                     slot, item = idle.popleft(), pending.popleft()
                     attempts[item] = attempts.get(item, 0) + 1
@@ -203,34 +220,31 @@ def run_ray(items: Sequence[CohortItem], job: CohortJob, *, rerun: bool = False,
                         ray.get(ref)
                     except RayTaskError as exc:  # the worker could not load the model or encoder: no slide can run
                         raise _cause(exc) from None
-                    except RayError as exc:  # died while loading: a fresh one takes its place
+                    except RayError as exc:  # died while loading: top_up starts a fresh one
                         retire(slot)
                         load_deaths += 1
                         if load_deaths > max_retries + workers:
                             raise MilkitError(f"{load_deaths} Ray workers died while loading the model "
                                               f"{job.model_path} (last: {_death_reason(exc)}); see the Ray "
                                               "logs (/tmp/ray/session_latest/logs)") from None
-                        start_actor()
                         continue
                     idle.append(slot)
                     continue
                 slot, item = in_flight.pop(ref)
                 try:
                     result = ray.get(ref)
-                except RayTaskError as exc:
+                except RayTaskError as exc:  # an exception inside the slide; the actor lives on
+                    idle.append(slot)
                     cause = _cause(exc)
                     if isinstance(cause, MilkitError):  # raised by the slide itself: never retried
                         result = _refused(item, job, cause)
                     elif attempts[item] <= max_retries:
                         pending.appendleft(item)
-                        idle.append(slot)
                         continue
                     else:
                         result = _exhausted(item, job, attempts[item], _death_reason(cause), died=False)
-                    idle.append(slot)
-                except (RayActorError, RayError) as exc:  # the actor died (killed, crashed, OOM, node lost)
+                except RayError as exc:  # the actor died (killed, crashed, out of memory, node lost)
                     retire(slot)
-                    start_actor()
                     if attempts[item] <= max_retries:
                         pending.appendleft(item)
                         continue
