@@ -39,7 +39,9 @@ from mil_runtime.model import MILRunner, load_model
 from mil_runtime.outputs.result import encoder_identity, result_document
 from mil_runtime.outputs.record import read_output_set
 from mil_runtime.outputs.writer import DEFAULT_OUTPUTS, OUTPUT_NAMES, parse_outputs, to_jsonable, write_result_set
-from mil_runtime.session import DEVICES
+from mil_runtime.cohort.executors import EXECUTORS
+from mil_runtime.cohort.plan import shard_from_env
+from mil_runtime.session import DEVICES, parse_device
 
 FEATURE_SUFFIXES = (".h5", ".hdf5")
 INTERRUPTED_EXIT_CODE = 130
@@ -297,15 +299,113 @@ class OneLineCommand(click.Command):
             raise OneLineUsageError(exc.format_message(), exc.ctx) from None
 
 
+class DeviceType(click.ParamType):
+    """--device: auto, cpu, cuda or cuda:N."""
+
+    name = "device"
+
+    def get_metavar(self, param, *args, **kwargs) -> str:
+        return "[" + "|".join(DEVICES) + "|cuda:N]"
+
+    def convert(self, value, param, ctx):
+        try:
+            kind, index = parse_device(value)
+        except MilkitError as exc:
+            self.fail(str(exc), param, ctx)
+        return kind if index is None else f"{kind}:{index}"
+
+
+def _print_status(out: Path, as_json: bool) -> None:
+    """--status OUT: one line of counts (or JSON), exit 0; a folder without cohort.json: one error line."""
+    from mil_runtime.cohort.records import cohort_status
+
+    try:
+        counts = cohort_status(out)
+    except Exception as exc:
+        sys.exit(report_failure(exc, None))
+    if as_json:
+        click.echo(json.dumps(counts))
+    else:
+        click.echo(f"{out}: {counts['done']} done, {counts['failed']} failed, {counts['pending']} pending, "
+                   f"{counts['running']} running, {counts['stale_claims']} stale claims "
+                   f"(of {counts['total']} inputs)")
+    sys.exit(0)
+
+
+def _record_outcome(path: Path, record: dict) -> Outcome:
+    """The summary line's fields from a set's record (what a run prints, also for a skipped input)."""
+    prediction = record.get("prediction") or {}
+    unit = "instances" if (record.get("input") or {}).get("type") == "features" else "tiles"
+    return Outcome(record, str(prediction.get("class_name")), float(prediction.get("probability") or 0.0),
+                   int(record.get("n_instances") or 0), unit, list(record.get("warnings") or []))
+
+
+def _run_out(inputs: list[Path], settings: Settings, *, as_json: bool, cohort: bool, rerun: bool,
+             retry_failed: bool, shard: tuple[int, int] | None, mirror: bool | None, executor: str,
+             ray_options: dict | None) -> int:
+    """A run with --out, through mil_runtime.cohort.run_cohort: one line per input, the first failure's code.
+
+    Without `cohort` it is today's mil-infer (no records, no mirror, outputs in OUT), resuming.
+    """
+    from mil_runtime.cohort.runner import run_cohort
+    from mil_runtime.cohort.worker import CohortJob
+    from mil_runtime.outputs.record import read_output_set
+
+    job = CohortJob(model_path=settings.model_path, encoder_path=settings.encoder_path, device=settings.device,
+                    threads=settings.threads, mpp=settings.mpp, tissue_threshold=settings.tissue_threshold,
+                    outputs=settings.outputs, roi=settings.roi, geojson_frame=settings.geojson_frame,
+                    batch_size=settings.batch_size, workers=settings.workers, verify=settings.verify)
+    show_progress = not settings.quiet and len(inputs) > 1 and sys.stderr.isatty()
+    bar = tqdm(total=len(inputs) if shard is None else None, unit="input", file=sys.stderr,
+               disable=not show_progress)
+    exit_code = 0
+
+    def on_result(result) -> None:
+        nonlocal exit_code
+        bar.update(1)
+        path = result.item.input
+        if result.status in ("failed", "busy"):
+            if os.environ.get("MILKIT_DEBUG") == "1" and result.exception is not None:
+                traceback.print_exception(result.exception, file=sys.stderr)
+            tqdm.write(result.error_line or f"error: {path}: failed", file=sys.stderr)
+            exit_code = exit_code or result.error_code or 1
+            return
+        record = read_output_set(result.item.out_dir, result.item.stem, verify_hashes=False).record or {}
+        outcome = _record_outcome(path, record)
+        if not settings.quiet and result.status == "done":
+            for warning in result.warnings:
+                tqdm.write(f"warning: {path}: {one_line(warning)}", file=sys.stderr)
+        text = json.dumps(to_jsonable(record)) if as_json else human_line(path, outcome)
+        tqdm.write(text, file=sys.stdout)
+
+    try:
+        summary = run_cohort(inputs, settings.model_path, settings.out, executor=executor, job=job, shard=shard,
+                             rerun=rerun, retry_failed=retry_failed, mirror=mirror if cohort else False,
+                             ray_options=ray_options, progress=show_progress, records=cohort, on_result=on_result)
+    except KeyboardInterrupt as exc:
+        bar.close()
+        _interrupted(exc)
+    except Exception as exc:
+        bar.close()
+        return report_failure(exc, None)
+    bar.close()
+    if cohort and not settings.quiet:
+        counts = summary.counts
+        tqdm.write(f"cohort {settings.out}: {counts['done']} done, {counts['skipped']} skipped (done before), "
+                   f"{counts['failed']} failed, {counts['busy']} busy elsewhere; table {summary.table}",
+                   file=sys.stderr)
+    return exit_code
+
+
 @click.command(cls=OneLineCommand, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--model", "-m", "model_path", required=True, type=click.Path(path_type=Path),
-              help="Exported milkit MIL model (.onnx).")
+@click.argument("inputs", nargs=-1, required=False, type=click.Path(path_type=Path))
+@click.option("--model", "-m", "model_path", required=False, type=click.Path(path_type=Path),
+              help="Exported milkit MIL model (.onnx). Required, except with --status.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
               help="Folder for the results, <input stem>.json each (created if missing).")
 @click.option("--json", "as_json", is_flag=True, help="Print each result as one JSON line on stdout.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
-              help="onnxruntime provider: cuda when available (auto), or force one.")
+@click.option("--device", type=DeviceType(), default="auto", show_default=True,
+              help="onnxruntime provider: cuda when available (auto), or force one; cuda:N picks GPU N.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
 @click.option("--encoder", "encoder_path", type=click.Path(path_type=Path), default=None,
               help="Slides: tile encoder .onnx (default: the one the model names, next to the model).")
@@ -331,15 +431,62 @@ class OneLineCommand(click.Command):
 @click.option("--geojson-frame", type=click.Choice(["bounds", "level0"]), default="bounds", show_default=True,
               help="Slides: pixel frame of the tile GeoJSON and of --roi: bounds = QuPath's (level 0 minus "
                    "openslide.bounds-x/y), level0 = OpenSlide's.")
+@click.option("--status", "status_out", type=click.Path(path_type=Path), default=None, metavar="OUT",
+              help="Cohorts: count done, failed, pending, running and stale claims of the cohort in OUT (from "
+                   "OUT/cohort.json and the records; opens no slide), print them and exit.")
+@click.option("--cohort", "cohort_flag", is_flag=True,
+              help="Cohorts: write the cohort records (OUT/cohort.json first, <stem>.failed.json per refusal, "
+                   "OUT/predictions.csv at the end). Implied by --shard, --retry-failed, --mirror, --executor "
+                   "ray, a SLURM array, and an OUT that already holds cohort.json.")
+@click.option("--rerun", is_flag=True,
+              help="With --out: redo every input (by default a complete set with this run's run key is skipped).")
+@click.option("--retry-failed", is_flag=True,
+              help="Cohorts: also retry the inputs that failed before (by default they are not retried).")
+@click.option("--shard", default=None, metavar="K/N",
+              help="Cohorts: process only share K of N (K = 0..N-1, by a hash of each input's path); default: "
+                   "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT when set.")
+@click.option("--mirror/--no-mirror", default=None,
+              help="Cohorts: OUT mirrors the inputs' folders under their common root (default for a cohort "
+                   "whose inputs come from more than one folder).")
+@click.option("--executor", type=click.Choice(EXECUTORS), default="local", show_default=True,
+              help="Cohorts: run the inputs in this process (local) or on Ray actors (ray, milkit[ray]).")
+@click.option("--ray-address", default=None, metavar="ADDRESS",
+              help="--executor ray: the cluster to join (auto = a running one); default: start one here.")
+@click.option("--ray-workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="--executor ray: actors, each loading the model and encoder once.")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="--executor ray: GPUs per actor (Ray's num_gpus).")
+@click.option("--max-retries", type=click.IntRange(min=0), default=2, show_default=True,
+              help="--executor ray: retries of a slide whose worker died (a refused input is never retried).")
 @click.version_option(__version__, prog_name="milkit")
 def main(inputs, model_path, out, as_json, device, threads, encoder_path, mpp, tissue_threshold, batch_size,
-         workers, quiet, verify, outputs, roi, geojson_frame) -> None:
+         workers, quiet, verify, outputs, roi, geojson_frame, status_out, cohort_flag, rerun, retry_failed, shard,
+         mirror, executor, ray_address, ray_workers, gpus_per_worker, max_retries) -> None:
     """Predict INPUTS (slides, or CLAM/TRIDENT .h5 feature files) with an exported MIL model.
 
     INPUTS are paths or glob patterns ("slides/*.svs"); each input gets its own result.
 
     Prints one line per input (file, predicted class, probability), or JSON with --json.
+
+    With --out the run resumes: an input whose output set is complete and has this run's run key is
+    not run again (--rerun redoes it). Cohort runs (--cohort, or any cohort option) also keep records
+    in OUT, can be sharded over processes (--shard, SLURM arrays) and run on Ray (docs/cohort.md).
     """
+    if status_out is not None:
+        _print_status(status_out, as_json)
+    if model_path is None:
+        raise OneLineUsageError("Missing option '--model' / '-m'.")
+    if not inputs:
+        raise OneLineUsageError("Missing argument 'INPUTS...'.")
+    try:
+        shard_value = shard_from_env(shard) if (shard is not None or out is not None) else None
+    except ValueError as exc:
+        raise OneLineUsageError(str(exc)) from None
+    cohort_asked = [name for name, given in (("--shard", shard is not None), ("--retry-failed", retry_failed),
+                                             ("--mirror", mirror is True), ("--executor ray", executor == "ray"),
+                                             ("--cohort", cohort_flag), ("--rerun", rerun)) if given]
+    if out is None and cohort_asked:
+        raise OneLineUsageError(f"{cohort_asked[0]} needs --out (the folder of the cohort's results)")
     try:
         parse_outputs(outputs)  # an unknown name is a usage error, before any model is loaded
     except InvalidInputError as exc:
@@ -349,10 +496,17 @@ def main(inputs, model_path, out, as_json, device, threads, encoder_path, mpp, t
                         batch_size=batch_size, workers=workers, verify=verify, outputs=outputs, roi=roi,
                         geojson_frame=geojson_frame)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if out is not None:
+        from mil_runtime.cohort.records import manifest_path
+
+        cohort = bool([n for n in cohort_asked if n != "--rerun"]) or shard_value is not None \
+            or manifest_path(out).is_file()
+        ray_options = {"address": ray_address, "workers": ray_workers, "gpus_per_worker": gpus_per_worker,
+                       "max_retries": max_retries} if executor == "ray" else None
+        sys.exit(_run_out(expand_inputs(inputs), settings, as_json=as_json, cohort=cohort, rerun=rerun,
+                          retry_failed=retry_failed, shard=shard_value, mirror=mirror, executor=executor,
+                          ray_options=ray_options))
     try:
-        if out is not None:
-            ensure_writable_dir(out)
-            clean_stale_temps(out)  # temporaries of killed runs whose claim is gone or stale
         runner = load_model(model_path, device=device, threads=threads)
     except KeyboardInterrupt as exc:
         _interrupted(exc)
@@ -360,12 +514,11 @@ def main(inputs, model_path, out, as_json, device, threads, encoder_path, mpp, t
         sys.exit(report_failure(exc, None))
 
     exit_code = 0
-    claimed: dict[str, Path] = {}
     inputs = expand_inputs(inputs)
     show_progress = not quiet and len(inputs) > 1 and sys.stderr.isatty()
     for path in tqdm(inputs, unit="input", file=sys.stderr, disable=not show_progress):
         try:
-            outcome = run_one(path, runner, settings, claimed)
+            outcome = infer_input(path, runner, settings)
         except KeyboardInterrupt as exc:
             _interrupted(exc)
         except Exception as exc:

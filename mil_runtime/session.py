@@ -1,4 +1,8 @@
-"""onnxruntime sessions: provider choice (`--device auto|cpu|cuda`), threads, and metadata reading."""
+"""onnxruntime sessions: provider choice (`--device auto|cpu|cuda|cuda:N`), threads, and metadata reading.
+
+`cuda:N` runs on GPU N (onnxruntime's CUDA provider option `device_id`, counted among the GPUs
+CUDA_VISIBLE_DEVICES leaves visible); `cuda` is GPU 0.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from pathlib import Path
 from mil_runtime.contract import ModelMetadata
 from mil_runtime.errors import DeviceError, InputNotFoundError, MilkitError, ModelFormatError
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda")  # plus "cuda:N" (parse_device)
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
 _CHUNK_BYTES = 1 << 20
@@ -81,16 +85,27 @@ class SessionRunner:
         return self.session.sha256
 
 
-def _providers(device: str, available: list[str]) -> list[str]:
-    if device not in DEVICES:
-        raise DeviceError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
-    if device == "cpu":
+def parse_device(device: str) -> tuple[str, int | None]:
+    """("auto" | "cpu" | "cuda", GPU index or None) of a --device value; DeviceError when it is none."""
+    text = str(device).strip().lower()
+    if text in DEVICES:
+        return text, None
+    kind, _, index = text.partition(":")
+    if kind == "cuda" and index.isdigit():
+        return "cuda", int(index)
+    raise DeviceError(f"unknown device {device!r}; use one of {', '.join(DEVICES)} or cuda:N (N: the GPU's index)")
+
+
+def _providers(device: str, available: list[str]) -> list:
+    kind, index = parse_device(device)
+    if kind == "cpu":
         return [CPU_PROVIDER]
     if CUDA_PROVIDER in available:
-        return [CUDA_PROVIDER, CPU_PROVIDER]
-    if device == "cuda":
+        cuda = CUDA_PROVIDER if index is None else (CUDA_PROVIDER, {"device_id": index})
+        return [cuda, CPU_PROVIDER]
+    if kind == "cuda":
         raise DeviceError(
-            "--device cuda: onnxruntime has no CUDA provider here (install milkit[gpu] on a machine with "
+            f"--device {device}: onnxruntime has no CUDA provider here (install milkit[gpu] on a machine with "
             "CUDA and cuDNN, without the plain onnxruntime package), or use --device cpu / auto"
         )
     return [CPU_PROVIDER]
@@ -118,9 +133,11 @@ def open_session(path: str | os.PathLike, device: str = "auto", threads: int | N
     props = inference.get_modelmeta().custom_metadata_map
     metadata = ModelMetadata.from_props(props, source=str(path))
     ran = CUDA_PROVIDER if CUDA_PROVIDER in inference.get_providers() else CPU_PROVIDER
-    if device == "cuda" and ran != CUDA_PROVIDER:
+    kind, index = parse_device(device)
+    if kind == "cuda" and ran != CUDA_PROVIDER:
         raise DeviceError(
-            "--device cuda: the CUDA provider failed to start (CUDA 13 / cuDNN 9 libraries missing?); "
+            f"--device {device}: the CUDA provider failed to start (CUDA 13 / cuDNN 9 libraries missing?); "
             "use --device cpu or auto"
         )
-    return Session(inference, metadata, path, "cuda" if ran == CUDA_PROVIDER else "cpu")
+    ran_on = "cpu" if ran != CUDA_PROVIDER else ("cuda" if index is None else f"cuda:{index}")
+    return Session(inference, metadata, path, ran_on)

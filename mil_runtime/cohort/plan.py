@@ -3,8 +3,9 @@
 `plan_items` maps inputs to `CohortItem`s (input, the folder its set goes to, its stem). With `mirror`
 (the default when the inputs come from more than one folder) OUT mirrors the inputs' folders under
 their common root, so slides with the same stem in different folders never collide and no folder of
-OUT holds more files than its input folder. `shard` takes a deterministic share (by a hash of the
-input's absolute path, so every process of a SLURM array agrees without talking to the others);
+OUT holds more files than its input folder. `shard` takes a deterministic share (inputs ranked by a hash
+of their absolute path and dealt round-robin, so every process of a SLURM array agrees without talking
+to the others and the shares differ by at most one input);
 `shard_from_env` reads `--shard K/N` or SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT.
 """
 
@@ -56,17 +57,22 @@ def plan_items(inputs: Sequence[Path], out: Path, *, mirror: bool | None = None)
     return items
 
 
-def shard_index(item: CohortItem, n: int) -> int:
-    """The shard (0..n-1) an item belongs to: sha256 of its absolute input path, modulo n."""
-    digest = hashlib.sha256(str(_absolute(item.input)).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % n
+def path_hash(item: CohortItem) -> str:
+    """sha256 of the item's absolute input path (what shards are dealt by)."""
+    return hashlib.sha256(str(_absolute(item.input)).encode("utf-8")).hexdigest()
 
 
 def shard(items: Sequence[CohortItem], k: int, n: int) -> list[CohortItem]:
-    """Shard k (0-based, 0 <= k < n) of n: the items whose input path hashes to k; order kept."""
+    """Share k (0-based, 0 <= k < n) of n; order kept.
+
+    The items are ranked by the hash of their input path and dealt round-robin, so the shares differ in
+    size by at most one, and every process given the same inputs (in any order) takes the same share.
+    """
     if n < 1 or not 0 <= k < n:
         raise ValueError(f"shard {k}/{n}: K must be 0..N-1 and N >= 1")
-    return [item for item in items if shard_index(item, n) == k]
+    ranked = sorted(range(len(items)), key=lambda index: (path_hash(items[index]), index))
+    mine = {index for rank, index in enumerate(ranked) if rank % n == k}
+    return [item for index, item in enumerate(items) if index in mine]
 
 
 def parse_shard(value: str) -> tuple[int, int]:
@@ -101,4 +107,4 @@ def shard_from_env(value: str | None, environ: Mapping[str, str] | None = None) 
     return k, n
 
 
-__all__ = ["CohortItem", "input_stem", "parse_shard", "plan_items", "shard", "shard_from_env", "shard_index"]
+__all__ = ["CohortItem", "input_stem", "parse_shard", "plan_items", "path_hash", "shard", "shard_from_env"]

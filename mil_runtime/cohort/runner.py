@@ -21,7 +21,8 @@ from typing import Any
 
 from mil_runtime.cohort.plan import CohortItem, plan_items
 from mil_runtime.cohort.plan import shard as take_shard
-from mil_runtime.cohort.worker import CohortJob, ItemResult, JobIdentity, job_identity, prediction_of
+from mil_runtime.cohort.worker import (CohortJob, ItemResult, JobIdentity, job_identity, prediction_of,
+                                       release_stale_claim)
 from mil_runtime.errors import InvalidInputError, OutputError
 
 STATUSES = ("done", "skipped", "failed", "busy")
@@ -75,6 +76,7 @@ def _prefilter(item: CohortItem, job: CohortJob, identity: JobIdentity, *, rerun
 
     state, record, key = item_state(item, job, identity)
     if state == "done":
+        release_stale_claim(item)  # a writer killed after its last rename left its claim
         return ItemResult(item, "skipped", key, prediction=prediction_of(record))
     if state == "failed" and not retry_failed:
         return ItemResult(item, "failed", key, error_code=int(record.get("code") or 1), error_line=record.get("line"))
@@ -83,7 +85,8 @@ def _prefilter(item: CohortItem, job: CohortJob, identity: JobIdentity, *, rerun
 
 def iter_cohort(items: Sequence[CohortItem], job: CohortJob, identity: JobIdentity, *, executor: str = "local",
                 rerun: bool = False, retry_failed: bool = False, ray_options: dict | None = None,
-                progress: bool = False, record_failures: bool = True) -> Iterator[ItemResult]:
+                progress: bool = False, record_failures: bool = True,
+                worker: Any = None) -> Iterator[ItemResult]:
     """One result per item, in the order of `items` (those the records or a collision decide, and the
     executor's)."""
     decided: dict[int, ItemResult] = {}
@@ -99,7 +102,7 @@ def iter_cohort(items: Sequence[CohortItem], job: CohortJob, identity: JobIdenti
         from mil_runtime.cohort.executors.local import run_local
 
         results = run_local([item for _, item in todo], job, rerun=rerun, progress=progress,
-                            record_failures=record_failures)
+                            record_failures=record_failures, worker=worker)
     elif executor == "ray":
         from mil_runtime.cohort.executors.ray import run_ray
 
@@ -148,7 +151,14 @@ def run_cohort(inputs: Iterable[str | os.PathLike], model: str | os.PathLike | N
     from mil_runtime.claims import clean_stale_temps
 
     clean_stale_temps(out)
-    identity = job_identity(job)
+    worker = None
+    if executor == "local":  # loads the model here, so a bad model or device fails before anything is written
+        from mil_runtime.cohort.worker import SlideWorker
+
+        worker = SlideWorker(job, record_failures=records)
+        identity = worker.identity
+    else:
+        identity = job_identity(job)
     items = plan_items([Path(p) for p in inputs], out, mirror=mirror)
     summary = CohortSummary(out)
     if records:
@@ -160,7 +170,8 @@ def run_cohort(inputs: Iterable[str | os.PathLike], model: str | os.PathLike | N
             clean_stale_temps(folder)
     try:
         for result in iter_cohort(items, job, identity, executor=executor, rerun=rerun, retry_failed=retry_failed,
-                                  ray_options=ray_options, progress=progress, record_failures=records):
+                                  ray_options=ray_options, progress=progress, record_failures=records,
+                                  worker=worker):
             summary.results.append(result)
             if on_result is not None:
                 on_result(result)

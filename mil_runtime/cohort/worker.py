@@ -118,9 +118,10 @@ def slide_outputs(item_input: Path, outputs: str | None) -> list[str]:
 
     chosen = parse_outputs(outputs)
     if outputs is None and is_dicom_input(item_input):
-        from mil_runtime.pipeline import _dicom_extra_installed  # the pipeline's own test of the extra
+        import importlib.util
 
-        if _dicom_extra_installed():
+        if importlib.util.find_spec("highdicom") is not None:  # = pipeline._dicom_extra_installed, without
+            # importing the pipeline (and openslide) here: --status must not
             chosen = parse_outputs([*DEFAULT_OUTPUTS, "dicom"])
     return list(chosen)
 
@@ -154,6 +155,20 @@ def expected_run_key(item: CohortItem, job: CohortJob, identity: JobIdentity) ->
         outputs=slide_outputs(path, job.outputs), geojson_frame=job.geojson_frame)
     return compute_run_key(path, model_sha256=identity.model_sha256, encoder_sha256=identity.encoder_sha256,
                            settings=settings, verify=job.verify)
+
+
+def release_stale_claim(item: CohortItem) -> None:
+    """Remove a dead writer's claim (and its temporaries) beside a set that is skipped; a live one stays."""
+    from mil_runtime.claims import claim_stem, is_stale, lock_path, read_claim
+
+    path = lock_path(item.out_dir, item.stem)
+    if not path.exists() or not is_stale(path, read_claim(path)):
+        return
+    try:
+        with claim_stem(item.out_dir, item.stem):
+            pass  # taking the claim over removes the leftovers; leaving it removes the lock
+    except MilkitError:
+        pass
 
 
 def prediction_of(record: dict | None) -> dict | None:
@@ -221,6 +236,7 @@ class SlideWorker:
         except MilkitError:  # input or --roi missing, no encoder: the run below says so in its own words
             key = None
         if not rerun and key is not None and (found := self._complete(item, key)) is not None:
+            release_stale_claim(item)
             return result("skipped", key, prediction=prediction_of(found.record))
         try:
             ensure_writable_dir(item.out_dir)
@@ -243,4 +259,4 @@ class SlideWorker:
 
 
 __all__ = ["CohortJob", "ItemResult", "JobIdentity", "SlideWorker", "expected_run_key", "job_identity",
-           "prediction_of", "slide_outputs"]
+           "prediction_of", "release_stale_claim", "slide_outputs"]
