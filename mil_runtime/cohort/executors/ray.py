@@ -83,7 +83,7 @@ def worker_job(job: CohortJob, *, gpus_per_worker: float, cpus_per_worker: float
     changes: dict[str, Any] = {}
     if job.threads is None:  # onnxruntime would take every core of the node for each actor
         changes["threads"] = max(1, int(cpus_per_worker))
-    if gpus_per_worker and str(job.device).startswith("cuda:"):
+    if gpus_per_worker and str(job.device).startswith("cuda:") and str(job.device) != "cuda:0":
         raise DeviceError(f"--device {job.device} with --gpus-per-worker {gpus_per_worker:g}: Ray gives each "
                           "worker its own GPU (it sees it as cuda:0); use --device cuda or auto")
     if not gpus_per_worker and str(job.device).startswith("cuda"):
@@ -93,8 +93,8 @@ def worker_job(job: CohortJob, *, gpus_per_worker: float, cpus_per_worker: float
 
 
 def _death_reason(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}"
+    text = " ".join(str(exc).split())[:300].rstrip(".")
+    return f"{type(exc).__name__}: {text}"
 
 
 def _exhausted(item: CohortItem, job: CohortJob, attempts: int, reason: str, died: bool) -> ItemResult:
@@ -139,7 +139,12 @@ def _init_ray(ray, address: str | None, init_options: dict[str, Any] | None) -> 
     options = {"include_dashboard": False, "log_to_driver": True, **(init_options or {})}
     if address is not None:
         options["address"] = address
-    ray.init(**options)
+    try:
+        ray.init(**options)
+    except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
+        where = f"join the Ray cluster at {address}" if address is not None else "start a local Ray instance"
+        raise MilkitError(f"--executor ray: cannot {where}: {_death_reason(exc)}; start one with `ray start --head` "
+                          "(then --ray-address auto), or use --executor local") from None
     return True
 
 
