@@ -318,15 +318,23 @@ def test_a_killed_driver_loses_nothing_and_the_rerun_equals_a_local_run(ray_clus
         assert max(abs(a[2] - b[2]) for a, b in zip(ray_tiles, local_tiles)) <= 1e-6
         assert ray_record["output_set"]["run_key"] == local_record["output_set"]["run_key"]
 
-    # another model (same weights, another file) redoes every slide
+    # another model (same weights, another file) redoes every slide: mil-infer --executor ray, on this cluster
     import onnx
 
     other = model_copy(tmp_path / "other_model")
     proto = onnx.load(other)
     proto.doc_string = (proto.doc_string or "") + " (a copy)"
     onnx.save(proto, other)
-    third = {r.item.stem: r.status for r in run_ray(items, job_for(other), progress=False, workers=2)}
-    assert third == {stem: "done" for stem in stems}
+    cli = subprocess.run([sys.executable, "-m", "mil_runtime.cli", *map(str, slides), "--model", str(other), "--out",
+                          str(out), "--executor", "ray", "--ray-address", spec["address"], "--ray-workers", "2",
+                          "--threads", "1", "--device", "cpu"], capture_output=True, text=True, timeout=180)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    assert f"cohort {out}: 8 done, 0 skipped (done before), 0 failed" in cli.stderr
+    assert len(cli.stdout.splitlines()) == 8
+    for stem in stems:
+        record = assert_one_clean_set(out, stem)
+        assert record["model"]["sha256"] != ray_record["model"]["sha256"]
+        assert record["probabilities"] == read_output_set(local_out, stem).record["probabilities"]
 
 
 @in_netns
