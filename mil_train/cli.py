@@ -14,6 +14,12 @@ The feature dimension comes from the data; binary 0/1 labels train one sigmoid l
 a softmax. `--loss-weight NAME=W` weighs the loss term NAME (terms not named weigh 1; "cls" is the
 classification loss, a model card names its auxiliary terms); a NAME the model does not return stops
 training after the first batch. Errors print one line and exit with the code of mil_runtime.errors.
+
+Over processes (mil_train/distributed.py): `mil-train ... --nproc N` starts N processes on this machine
+(DDP: gloo on CPU, NCCL with one GPU each on CUDA); under `torchrun --nproc-per-node N -m mil_train.cli ...`
+leave --nproc out, and write the log option as --log-csv (torchrun's own parser takes --log for its
+--log-dir and refuses it as ambiguous). Each rank trains on a share of the training bags balanced by bag size; logged
+metrics are reduced over the ranks; rank 0 alone writes the log and the checkpoint, and prints.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import ast
 import csv
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -200,7 +207,34 @@ def train(
     labels_csv: Path | None = None, device: str = "cpu", progress: bool = True, loss_weights: tuple[str, ...] = (),
     allow_one_class: bool = False,
 ) -> dict[str, Any]:
-    """What `mil-train` does; returns the best epoch's logged row."""
+    """What `mil-train` does; returns the best epoch's logged row.
+
+    Under torchrun (WORLD_SIZE > 1 in the environment) each process joins the process group here,
+    trains on its share of the bags and leaves the group at the end.
+    """
+    from mil_train import distributed
+
+    joined = not distributed.is_initialized() and distributed.env_world_size() > 1
+    try:
+        device = str(distributed.init_from_env(device))
+        return _train(
+            model_name, data, output, model_args=model_args, epochs=epochs, lr=lr, weight_decay=weight_decay,
+            batch_size=batch_size, val_fraction=val_fraction, patience=patience, seed=seed, log=log,
+            class_names=class_names, labels_csv=labels_csv, device=device, progress=progress,
+            loss_weights=loss_weights, allow_one_class=allow_one_class,
+        )
+    finally:
+        if joined:
+            distributed.shutdown()
+
+
+def _train(
+    model_name: str, data: Path, output: Path, *, model_args: tuple[str, ...], epochs: int, lr: float,
+    weight_decay: float, batch_size: int, val_fraction: float, patience: int | None, seed: int, log: Path | None,
+    class_names: str | None, labels_csv: Path | None, device: str, progress: bool, loss_weights: tuple[str, ...],
+    allow_one_class: bool,
+) -> dict[str, Any]:
+    from mil_train import distributed
     from mil_train.feature_stats import compute_feature_stats
     from mil_train.models import create_model, list_models
     from mil_train.trainer import Trainer, UnknownLossTermError, make_loader, seed_everything
@@ -248,12 +282,22 @@ def train(
     provenance = {
         "data": str(data), "n_bags": len(bags), "n_train": len(train_idx), "n_val": len(val_idx),
         "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "loss_weights": weights,
-        "command": " ".join(sys.argv),
+        "command": os.environ.get(COMMAND_ENV) or " ".join(sys.argv),
     }
+    rank, world = distributed.rank(), distributed.world_size()
+    feature_stats = compute_feature_stats(bags[i]["X"] for i in train_idx)  # of all training bags, on every rank
+    if world > 1:
+        if len(train_idx) < world:
+            raise InvalidInputError(
+                f"{world} processes need at least {world} training bags, and the split leaves {len(train_idx)}; "
+                "start fewer processes"
+            )
+        train_idx = _share(bags, train_idx, rank, world)
+        val_idx = _share(bags, val_idx, rank, world)
     trainer = Trainer(
         model, lr=lr, weight_decay=weight_decay, epochs=epochs, patience=patience, seed=seed, device=device,
         progress=progress, log_csv=log, checkpoint_path=output, class_names=names, provenance=provenance,
-        loss_weights=weights, feature_stats=compute_feature_stats(bags[i]["X"] for i in train_idx),
+        loss_weights=weights, feature_stats=feature_stats,
     )
     try:
         trainer.fit(
@@ -266,6 +310,14 @@ def train(
             f"its loss terms are {', '.join(exc.terms)}"
         ) from None
     return trainer.history[trainer.best_epoch - 1]
+
+
+def _share(bags: list, indices: list[int], rank: int, world: int) -> list[int]:
+    """This rank's part of `indices`, balanced over the ranks by bag size (mil_train.distributed)."""
+    from mil_train.distributed import bag_size, balanced_shards
+
+    shards = balanced_shards([bag_size(bags[i]) for i in indices], world)
+    return [indices[j] for j in shards[rank]]
 
 
 def with_spatial_inputs(model, bags: list, data: Path) -> list:
@@ -295,10 +347,38 @@ class OneLineUsageError(click.UsageError):
 
 class OneLineCommand(click.Command):
     def make_context(self, info_name, args, parent=None, **extra):
+        raw = list(args)  # what --nproc hands on to the processes it starts
         try:
-            return super().make_context(info_name, args, parent=parent, **extra)
+            ctx = super().make_context(info_name, args, parent=parent, **extra)
         except click.UsageError as exc:
             raise OneLineUsageError(exc.format_message(), exc.ctx) from None
+        ctx.meta[RAW_ARGS] = raw
+        return ctx
+
+
+RAW_ARGS = "mil_train.raw_args"
+COMMAND_ENV = "MILKIT_TRAIN_COMMAND"  # the command line --nproc was given, for the checkpoint's provenance
+
+
+def launch(nproc: int, device: str, raw_args: list[str]) -> int:
+    """`--nproc N`: N processes of this same command on this machine (mil_train.distributed.launch_local)."""
+    from mil_runtime.errors import DeviceError
+    from mil_train import distributed
+
+    if device.startswith("cuda"):
+        if ":" in device:
+            raise InvalidInputError(
+                f"--nproc {nproc} gives each process its own GPU (cuda:0 ... cuda:{nproc - 1}); "
+                f"pass --device cuda, not --device {device}"
+            )
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count < nproc:
+            raise DeviceError(f"--nproc {nproc} --device cuda needs {nproc} GPUs, this machine has {count}; "
+                              f"pass --nproc {count}" if count else "--device cuda: no CUDA device here; use --device cpu")
+    env = {COMMAND_ENV: os.environ.get(COMMAND_ENV) or " ".join(sys.argv)}
+    return distributed.launch_local(nproc, [sys.executable, "-m", "mil_train.cli", *raw_args], env=env)
 
 
 @click.command(cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
@@ -315,15 +395,29 @@ class OneLineCommand(click.Command):
 @click.option("--val-fraction", default=0.2, show_default=True, type=float, help="stratified validation share; 0 = none")
 @click.option("--patience", default=None, type=click.IntRange(min=1), help="early-stopping patience in epochs")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--log", type=click.Path(path_type=Path), help="CSV log, one row per epoch")
+@click.option("--log", "--log-csv", "log", type=click.Path(path_type=Path),
+              help="CSV log, one row per epoch (under torchrun write --log-csv: torchrun reads --log as its own)")
 @click.option("--class-names", help="comma-separated names, in class-index order")
 @click.option("--labels", "labels_csv", type=click.Path(path_type=Path), help="slide_id,label table for a .h5 folder")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--allow-one-class", is_flag=True, help="train even when every bag has the same label (refused otherwise)")
+@click.option("--nproc", default=1, show_default=True, type=click.IntRange(min=1),
+              help="processes on this machine, data-parallel (gloo on CPU; NCCL and one GPU each with --device cuda); "
+                   "under torchrun leave it out")
 def main(model, data, output, model_args, loss_weights, epochs, lr, weight_decay, batch_size, val_fraction, patience,
-         seed, log, class_names, labels_csv, device, allow_one_class) -> None:
+         seed, log, class_names, labels_csv, device, allow_one_class, nproc) -> None:
     """Train MODEL (a registered name, e.g. ABMIL) on DATA and save the best checkpoint to -o."""
+    from mil_runtime.errors import DeviceError
+    from mil_train.distributed import env_rank, env_world_size
+
+    launched = env_world_size()
     try:
+        if nproc > 1 and launched == 1:
+            sys.exit(launch(nproc, device, click.get_current_context().meta[RAW_ARGS]))
+        if nproc > 1 and nproc != launched:
+            raise InvalidInputError(
+                f"--nproc {nproc} inside a launch of {launched} processes (torchrun); leave --nproc out under torchrun"
+            )
         best = train(
             model, data, output, model_args=model_args, epochs=epochs, lr=lr, weight_decay=weight_decay,
             batch_size=batch_size, val_fraction=val_fraction, patience=patience, seed=seed, log=log,
@@ -331,10 +425,13 @@ def main(model, data, output, model_args, loss_weights, epochs, lr, weight_decay
             loss_weights=loss_weights, allow_one_class=allow_one_class,
         )
     except MilkitError as exc:
-        click.echo(f"mil-train: error: {exc}", err=True)
+        # Every rank meets the same data and settings, so rank 0 speaks for all; a device is each rank's own.
+        if env_rank() == 0 or isinstance(exc, DeviceError):
+            click.echo(f"mil-train: error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    shown = {k: round(v, 4) for k, v in best.items() if k.startswith("val_") or k == "train_loss"}
-    click.echo(f"mil-train: best epoch {best['epoch']}: {shown}; saved {output}", err=True)
+    if env_rank() == 0:
+        shown = {k: round(v, 4) for k, v in best.items() if k.startswith("val_") or k == "train_loss"}
+        click.echo(f"mil-train: best epoch {best['epoch']}: {shown}; saved {output}", err=True)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,15 @@ epochs without improvement, and finally restores the best weights.
     trainer = Trainer(model, lr=5e-4, epochs=50, patience=10, monitor="val_auroc")
     history = trainer.fit(make_loader(train_bags, batch_size=1, shuffle=True), make_loader(val_bags))
     print(trainer.evaluate(make_loader(test_bags)))
+
+Under torchrun (a process group set up by `mil_train.distributed.init_from_env`), the Trainer trains
+data-parallel: give each rank a loader over its own share of the bags
+(`mil_train.distributed.balanced_shards`); see mil_train/distributed.py for what the run does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import io
@@ -29,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from mil_train import distributed as dist_utils
 from mil_train.checkpoint import save_checkpoint
 from mil_train.metrics import METRIC_NAMES, classification_metrics
 from mil_train.models.base import MILModel
@@ -75,6 +81,23 @@ class UnknownLossTermError(ValueError):
         )
 
 
+# Per-epoch sums of the loss terms: float64 where the device has it.
+_SUM_DTYPE = {"mps": torch.float32}
+
+
+def _reduce_sums(
+    sums: dict[str, float], n_bags: int, parts: list[tuple[dict[str, float], int]] | None = None
+) -> tuple[dict[str, float], int]:
+    """Sum per-term totals and bag counts over the ranks (a rank without bags adds nothing)."""
+    if parts is None:
+        parts = dist_utils.all_gather_objects((sums, n_bags))
+    totals: dict[str, float] = {}
+    for part_sums, _ in parts:
+        for name, value in part_sums.items():
+            totals[name] = totals.get(name, 0.0) + value
+    return totals, sum(n for _, n in parts)
+
+
 def _monitor_mode(monitor: str, mode: str | None) -> str:
     if mode is not None:
         if mode not in ("min", "max"):
@@ -108,6 +131,10 @@ class Trainer:
         feature_stats: the training features' statistics (mil_train.feature_stats.compute_feature_stats),
             stored in the checkpoint; mil-export puts them in the model for the out-of-domain check.
         grad_clip: max gradient norm, or None.
+        distributed: train data-parallel over the initialised process group (DDP, `Join` for uneven
+            shares, metrics reduced over ranks, only rank 0 writes the log and checkpoints); None
+            (default) does so whenever a process group of more than one rank is initialised.
+            Each rank's loaders hold that rank's share of the bags.
     """
 
     def __init__(
@@ -132,6 +159,7 @@ class Trainer:
         provenance: dict[str, Any] | None = None,
         grad_clip: float | None = None,
         feature_stats: dict[str, Any] | None = None,
+        distributed: bool | None = None,
     ) -> None:
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -139,6 +167,15 @@ class Trainer:
             raise ValueError(f"patience must be >= 1 or None, got {patience}")
         self.device = torch.device(device)
         self.model = model.to(self.device)
+        if distributed is None:
+            distributed = dist_utils.world_size() > 1
+        if distributed and not dist_utils.is_initialized():
+            raise ValueError("distributed=True needs a process group; call mil_train.distributed.init_from_env() "
+                             "in each process (under torchrun or mil-train --nproc)")
+        self.distributed = bool(distributed)
+        self.is_main = dist_utils.is_main()
+        # DDP around compute_loss; its constructor broadcasts rank 0's parameters, so all ranks start equal.
+        self._ddp = dist_utils.wrap_model(self.model, self.device) if self.distributed else None
         self.optimizer = self._build_optimizer(optimizer, lr, weight_decay)
         self.scheduler = self._build_scheduler(scheduler)
         self.loss_weights = dict(loss_weights or {})
@@ -196,32 +233,47 @@ class Trainer:
     def _weighted_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.loss_weights.get(name, 1.0) * value for name, value in terms.items())
 
+    def _join(self) -> contextlib.AbstractContextManager:
+        """Uneven shares: ranks that run out shadow the others' all-reduces (see mil_train.distributed)."""
+        if self._ddp is None:
+            return contextlib.nullcontext()
+        from torch.distributed.algorithms.join import Join
+
+        sync = dist_utils.OptimizerSync(self.optimizer, self._ddp.device, self._ddp.process_group)
+        return Join([self._ddp, sync])
+
     def _train_epoch(self, loader: DataLoader, check_weight_names: bool = False) -> dict[str, float]:
         self.model.train()
-        sums: dict[str, float] = {}
+        step = self._ddp if self._ddp is not None else self.model.compute_loss
+        sums: dict[str, torch.Tensor] = {}  # on the device: no host sync per step for the bookkeeping
         n_bags = 0
-        for batch in loader:
-            batch = self._to_device(batch)
-            _, terms = self.model.compute_loss(batch)
-            if check_weight_names and n_bags == 0:  # the first batch shows which terms the model returns
-                self._check_weight_names(terms)
-            loss = self._weighted_loss(terms)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"training loss became {loss.item()}; lower the learning rate or set grad_clip"
-                )
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-            self.optimizer.step()
-            size = int(batch["X"].shape[0])
-            n_bags += size
-            for name, value in {"loss": loss, **terms}.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach()) * size
+        with self._join():
+            for batch in loader:
+                batch = self._to_device(batch)
+                _, terms = step(batch)
+                if check_weight_names and n_bags == 0:  # the first batch shows which terms the model returns
+                    self._check_weight_names(terms)
+                loss = self._weighted_loss(terms)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"training loss became {loss.item()}; lower the learning rate or set grad_clip"
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+                self.optimizer.step()
+                size = int(batch["X"].shape[0])
+                n_bags += size
+                for name, value in {"loss": loss, **terms}.items():
+                    weighted = value.detach().to(_SUM_DTYPE.get(self.device.type, torch.float64)) * size
+                    sums[name] = weighted if name not in sums else sums[name] + weighted
+        totals = {name: float(total) for name, total in sums.items()}
+        if self.distributed:
+            totals, n_bags = _reduce_sums(totals, n_bags)
         if n_bags == 0:
             raise ValueError("the training loader yielded no bags")
-        return {name: total / n_bags for name, total in sums.items()}
+        return {name: total / n_bags for name, total in totals.items()}
 
     @torch.no_grad()
     def _eval_pass(self, loader: DataLoader, keep_attention: bool = False) -> dict[str, Any]:
@@ -255,6 +307,12 @@ class Trainer:
                 labels.append(batch["Y"].reshape(size, -1).cpu())
         finally:
             self.model.train(was_training)
+        if self.distributed:  # every rank's share, in rank order
+            parts = dist_utils.all_gather_objects((logits, labels, attention, sums, n_bags))
+            logits = [t for part in parts for t in part[0]]
+            labels = [t for part in parts for t in part[1]]
+            attention = [t for part in parts for t in part[2]]
+            sums, n_bags = _reduce_sums(sums, n_bags, parts=[(part[3], part[4]) for part in parts])
         if n_bags == 0:
             raise ValueError("the evaluation loader yielded no bags")
         result = {
@@ -269,14 +327,15 @@ class Trainer:
     # -- public API -------------------------------------------------------------------------------
 
     def evaluate(self, loader: DataLoader) -> dict[str, float]:
-        """Mean loss, each loss term, and the classification metrics over `loader` (eval mode, no grad)."""
+        """Mean loss, each loss term, and the classification metrics over `loader` (eval mode, no grad);
+        distributed: over every rank's loader together (the same numbers on every rank)."""
         result = self._eval_pass(loader)
         probabilities = self.model.probabilities(result["logits"]).numpy()
         metrics = classification_metrics(result["Y"].numpy(), probabilities, self.model.n_classes)
         return {**result["losses"], **metrics}
 
     def predict(self, loader: DataLoader) -> dict[str, Any]:
-        """Per-bag outputs in loader order.
+        """Per-bag outputs in loader order (distributed: every rank's loader, in rank order).
 
         Returns {"logits": (n_bags, n_classes), "probabilities": (n_bags, n_classes), "Y": (n_bags,),
         "attention": list of (N_i,) tensors, padding removed}.
@@ -296,7 +355,8 @@ class Trainer:
         seed_everything(self.seed)
         self.history, self.best_epoch, self.best_value = [], None, None
         best_state = None
-        bar = tqdm(range(1, self.epochs + 1), desc="epochs", file=sys.stderr, disable=not self.progress, leave=False)
+        bar = tqdm(range(1, self.epochs + 1), desc="epochs", file=sys.stderr, disable=not (self.progress and self.is_main),
+                   leave=False)
         for epoch in bar:
             row: dict[str, float] = {"epoch": epoch}
             row.update({f"train_{k}": v for k, v in self._train_epoch(train_loader, epoch == 1).items()})
@@ -318,6 +378,8 @@ class Trainer:
                 break
         if best_state is not None:
             self.model.load_state_dict(best_state)
+        if self.distributed:
+            dist_utils.barrier()  # rank 0's checkpoint and log are written when fit returns on any rank
         return self.history
 
     # -- bookkeeping ------------------------------------------------------------------------------
@@ -340,7 +402,7 @@ class Trainer:
             self.scheduler.step()
 
     def _save_best(self, epoch: int, monitor: str) -> None:
-        if self.checkpoint_path is None:
+        if self.checkpoint_path is None or not self.is_main:
             return
         provenance = {
             **self.provenance,
@@ -351,12 +413,14 @@ class Trainer:
             "metrics": {k: float(v) for k, v in self.history[-1].items()},
             "torch_version": str(torch.__version__),
         }
+        if self.distributed:
+            provenance["world_size"] = dist_utils.world_size()
         save_checkpoint(self.model, self.checkpoint_path, class_names=self.class_names, provenance=provenance,
                         feature_stats=self.feature_stats)
 
     def _write_log(self) -> None:
         """Rewrite the whole CSV each epoch via a temp file, so a crash never leaves a torn row."""
-        if self.log_csv is None:
+        if self.log_csv is None or not self.is_main:
             return
         columns: list[str] = []
         for row in self.history:

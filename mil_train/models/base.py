@@ -58,6 +58,12 @@ class MILModel(nn.Module):
                       whose N x N attention fits 4 GB, which tests and `mil-export validate` stop at
       attention_localises -> attention is meant to rank the instances that drive the label first
                       (tested on planted positives)
+
+    And one how it trains over processes:
+      ddp_find_unused_parameters -> some training steps leave parameters out of `compute_loss`'s
+                      graph (e.g. a branch run only for some labels), so DDP must search for them
+                      each step (mil_train.distributed); False for models whose every parameter
+                      enters every step's loss (tests/train/test_ddp.py checks each registered model)
     """
 
     name: str = ""
@@ -67,6 +73,7 @@ class MILModel(nn.Module):
     instance_outputs: bool = False
     max_bag_size: int | None = None
     attention_localises: bool = True
+    ddp_find_unused_parameters: bool = False
 
     def __init__(self, n_classes: int = 1, **config: Any) -> None:
         super().__init__()
