@@ -21,6 +21,8 @@ What a distributed run does:
     starts the next epoch identical;
   - the logged losses and metrics are reduced over the ranks (validation predictions are gathered,
     so AUROC is the AUROC of the whole validation set); only rank 0 writes the log and checkpoints;
+  - rank r seeds its own random stream (seed + r: dropout, sampling); buffers a model updates in
+    training (e.g. prototypes) follow rank 0's, which DDP broadcasts before each step;
   - models with parameters that some training steps leave out of the graph declare
     `ddp_find_unused_parameters = True` (mil_train.models.base); DDP's unused-parameter search is not
     switched on for the others.

@@ -123,7 +123,8 @@ class Trainer:
             means "val_auroc"). Without a validation loader the Trainer monitors "train_loss".
         mode: "min" or "max"; default "min" for losses, "max" for metrics.
         device: torch device the model and batches move to.
-        seed: seeds Python/numpy/torch at the start of `fit` (dropout, sampling).
+        seed: seeds Python/numpy/torch at the start of `fit` (dropout, sampling); distributed, rank r
+            uses seed + r.
         progress: tqdm bar over epochs on stderr.
         log_csv: path of a CSV log, one row per epoch, rewritten atomically each epoch.
         checkpoint_path: where the best model is saved (mil_train.checkpoint format).
@@ -352,7 +353,8 @@ class Trainer:
         """Train; returns the history (one dict per epoch) and leaves the best weights in the model."""
         monitor = self.monitor if val_loader is not None else "train_loss"
         mode = self.mode if val_loader is not None else "min"
-        seed_everything(self.seed)
+        # Distributed: each rank its own stream (dropout, sampling), as each bag gets fresh noise in one process.
+        seed_everything(self.seed + (dist_utils.rank() if self.distributed else 0))
         self.history, self.best_epoch, self.best_value = [], None, None
         best_state = None
         bar = tqdm(range(1, self.epochs + 1), desc="epochs", file=sys.stderr, disable=not (self.progress and self.is_main),
