@@ -274,3 +274,37 @@ def test_pipeline_run_as_dsa_annotation(demo_run, validator):
     assert document["attributes"]["provenance"]["run"]["key"] == record["output_set"]["run_key"]
     assert document["attributes"]["provenance"]["model"]["sha256"] == record["model"]["sha256"]
 
+
+@pytest.mark.parametrize("verify", [[], ["--verify"]], ids=["plain", "verify"])
+def test_mil_infer_writes_the_dsa_annotation_into_the_set(demo_run, validator, tmp_path, verify):
+    """`mil-infer --outputs json,geojson,dsa`: `<stem>.dsa.json` is a hashed member of the set, valid for
+    large_image, and each tile's value is the record's attention; nothing unchosen is written. With and
+    without --verify (which changes the run key), the annotation carries the record's run key."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from mil_runtime.demo.__main__ import DEFAULT_MODEL
+    from mil_runtime.outputs.record import read_output_set
+
+    truth = demo_run[0]
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "mil_runtime.cli", str(truth.path), "--model", str(DEFAULT_MODEL),
+               "--out", str(out), "--outputs", "json,geojson,dsa", "--workers", "1", "-q", "--json", *verify]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    stem = truth.path.stem
+    written = sorted(p.name for p in out.iterdir())
+    assert written == sorted(f"{stem}{s}" for s in (".json", ".tiles.geojson", ".dsa.json"))
+    found = read_output_set(out, stem)
+    assert found.complete, found.reason
+    dsa_path = out / f"{stem}.dsa.json"
+    assert found.record["output_set"]["files"][dsa_path.name] == hashlib.sha256(dsa_path.read_bytes()).hexdigest()
+
+    document = json.loads(dsa_path.read_text())  # json.loads accepts NaN; the schema then refuses it
+    validator.validate(document)
+    _check_tile_values(document, found.record["tiles"], found.record["tiling"]["tile_level0"])
+    provenance = document["attributes"]["provenance"]
+    assert provenance["model"]["sha256"] == found.record["model"]["sha256"]
+    assert provenance["slide"]["path"] == found.record["input"]["path"]
+    assert provenance["run"]["key"] == found.run_key is not None  # the record's run key, not a second one
