@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	# large_image's annotation schema, read by tests/clinical/test_dsa.py (its own dependencies are girder's: not installed)
+	$(PIP) install -q --no-deps -c constraints.txt girder-large-image-annotation
 	touch $(STAMP)
 
 install: $(STAMP)
