@@ -285,6 +285,7 @@ def _train(
         "command": os.environ.get(COMMAND_ENV) or " ".join(sys.argv),
     }
     rank, world = distributed.rank(), distributed.world_size()
+    validate = bool(val_idx)  # decided on the whole split: a rank whose share is empty still joins the gathers
     feature_stats = compute_feature_stats(bags[i]["X"] for i in train_idx)  # of all training bags, on every rank
     if world > 1:
         if len(train_idx) < world:
@@ -302,7 +303,7 @@ def _train(
     try:
         trainer.fit(
             make_loader([bags[i] for i in train_idx], batch_size=batch_size, shuffle=True, seed=seed),
-            make_loader([bags[i] for i in val_idx], batch_size=batch_size) if val_idx else None,
+            make_loader([bags[i] for i in val_idx], batch_size=batch_size) if validate else None,
         )
     except UnknownLossTermError as exc:
         raise InvalidInputError(

@@ -115,7 +115,7 @@ def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
 
 
-def write_mil_csv(path: Path, n_bags: int = 16, seed: int = 5) -> None:
+def write_mil_csv(path: Path, n_bags: int = 16, seed: int = 5, positive=lambda bag: bag % 2 == 1) -> None:
     """A classic MIL csv (instance label, bag id, features): positive bags hold a few shifted instances."""
     rng = np.random.default_rng(seed)
     rows = []
@@ -123,7 +123,7 @@ def write_mil_csv(path: Path, n_bags: int = 16, seed: int = 5) -> None:
         n = int(rng.integers(4, 12))
         X = rng.normal(size=(n, IN_DIM))
         y = np.zeros(n)
-        if bag % 2:
+        if positive(bag):
             y[: max(1, n // 3)] = 1
             X[y == 1, 0] += 3.0
         rows += [[y[i], bag, *X[i]] for i in range(n)]
@@ -185,6 +185,23 @@ def scenario_cli(out: Path, rank: int) -> dict:
     return {"done": True}
 
 
+def scenario_cli_one_val_bag(out: Path, rank: int) -> dict:
+    """One validation bag for two ranks: rank 1's share is empty, and it must still take part."""
+    from mil_train.cli import main
+
+    args = cli_args(out)
+    args[1] = str(out / "one_positive.csv")  # a class of one bag: split() cannot stratify, so 1 bag can be drawn
+    args[args.index("--val-fraction") + 1] = "0.05"  # ceil(0.05 * 16) = 1
+    args[args.index("-o") + 1] = str(out / "cli_one_val.pt")
+    args[args.index("--log") + 1] = str(out / "cli_one_val_log.csv")
+    args[args.index("--epochs") + 1] = "1"
+    try:
+        main(args, standalone_mode=False)
+    except SystemExit as exc:
+        raise RuntimeError(f"mil-train exited {exc.code}") from None
+    return {"done": True}
+
+
 def scenario_undeclared(out: Path, rank: int) -> dict:
     """Last: the same model without its declaration must fail the way DDP fails (proof it is needed)."""
     bags = make_bags(BRANCHY_SIZES, seed=4, n_classes=3)
@@ -200,7 +217,7 @@ def scenario_undeclared(out: Path, rank: int) -> dict:
 
 SCENARIOS = [
     ("sgd", scenario_sgd), ("uneven", scenario_uneven), ("branchy", scenario_branchy), ("cli", scenario_cli),
-    ("undeclared", scenario_undeclared),
+    ("cli_one_val", scenario_cli_one_val_bag), ("undeclared", scenario_undeclared),
 ]
 
 
@@ -231,6 +248,7 @@ def ddp(tmp_path_factory):
     """Both ranks' results of one 2-process launch."""
     out = tmp_path_factory.mktemp("ddp")
     write_mil_csv(out / "bags.csv")
+    write_mil_csv(out / "one_positive.csv", positive=lambda bag: bag == 3)
     env = {"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
     code = distributed.launch_local(2, [sys.executable, __file__, str(out)], env=env, timeout_s=LAUNCH_TIMEOUT_S)
     assert code == 0, f"the 2-process launch ended with {code}"
@@ -397,6 +415,15 @@ def test_rank_0_checkpoint_loads_in_one_process_and_exports(ddp, tmp_path):
     with torch.no_grad():
         eager = model.probabilities(model(bag["X"][None]).logits).numpy()
     np.testing.assert_allclose(outputs[contract.PROBABILITIES], eager, atol=1e-5)
+
+
+def test_a_rank_without_validation_bags_still_validates_with_the_others(ddp):
+    from mil_train.checkpoint import load_checkpoint
+
+    out, _ = ddp
+    scenario(ddp, "cli_one_val")
+    _, payload = load_checkpoint(out / "cli_one_val.pt")
+    assert payload["provenance"]["n_val"] == 1 and "val_loss" in payload["provenance"]["metrics"]
 
 
 # -- single process: shares, declarations, the --nproc wiring ---------------------------------------
