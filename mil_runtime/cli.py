@@ -340,13 +340,11 @@ def _record_outcome(path: Path, record: dict) -> Outcome:
                    int(record.get("n_instances") or 0), unit, list(record.get("warnings") or []))
 
 
-def _run_out(inputs: list[Path], settings: Settings, *, as_json: bool, cohort: bool, rerun: bool,
-             retry_failed: bool, shard: tuple[int, int] | None, mirror: bool | None, executor: str,
-             ray_options: dict | None) -> int:
-    """A run with --out, through mil_runtime.cohort.run_cohort: one line per input, the first failure's code.
-
-    Without `cohort` it is today's mil-infer (no records, no mirror, outputs in OUT), resuming.
-    """
+def _run_cohort_cli(inputs: list[Path], settings: Settings, *, as_json: bool, rerun: bool, retry_failed: bool,
+                    shard: tuple[int, int] | None, mirror: bool | None, executor: str,
+                    ray_options: dict | None) -> int:
+    """A cohort run (mil_runtime.cohort.run_cohort): one line per input as for any run, a summary line on
+    stderr, the first failure's code."""
     from mil_runtime.cohort.runner import run_cohort
     from mil_runtime.cohort.worker import CohortJob
     from mil_runtime.outputs.record import read_output_set
@@ -380,8 +378,8 @@ def _run_out(inputs: list[Path], settings: Settings, *, as_json: bool, cohort: b
 
     try:
         summary = run_cohort(inputs, settings.model_path, settings.out, executor=executor, job=job, shard=shard,
-                             rerun=rerun, retry_failed=retry_failed, mirror=mirror if cohort else False,
-                             ray_options=ray_options, progress=show_progress, records=cohort, on_result=on_result)
+                             rerun=rerun, retry_failed=retry_failed, mirror=mirror, ray_options=ray_options,
+                             progress=show_progress, on_result=on_result)
     except KeyboardInterrupt as exc:
         bar.close()
         _interrupted(exc)
@@ -389,7 +387,7 @@ def _run_out(inputs: list[Path], settings: Settings, *, as_json: bool, cohort: b
         bar.close()
         return report_failure(exc, None)
     bar.close()
-    if cohort and not settings.quiet:
+    if not settings.quiet:
         counts = summary.counts
         tqdm.write(f"cohort {settings.out}: {counts['done']} done, {counts['skipped']} skipped (done before), "
                    f"{counts['failed']} failed, {counts['busy']} busy elsewhere; table {summary.table}",
@@ -435,11 +433,12 @@ def _run_out(inputs: list[Path], settings: Settings, *, as_json: bool, cohort: b
               help="Cohorts: count done, failed, pending, running and stale claims of the cohort in OUT (from "
                    "OUT/cohort.json and the records; opens no slide), print them and exit.")
 @click.option("--cohort", "cohort_flag", is_flag=True,
-              help="Cohorts: write the cohort records (OUT/cohort.json first, <stem>.failed.json per refusal, "
-                   "OUT/predictions.csv at the end). Implied by --shard, --retry-failed, --mirror, --executor "
-                   "ray, a SLURM array, and an OUT that already holds cohort.json.")
+              help="A cohort run (needs --out): resume (skip complete sets with this run's run key) and keep "
+                   "records (OUT/cohort.json first, <stem>.failed.json per refusal, OUT/predictions.csv at the "
+                   "end). Implied by --shard, --retry-failed, --mirror, --executor ray, --rerun with a cohort "
+                   "OUT, a SLURM array, and an OUT that already holds cohort.json.")
 @click.option("--rerun", is_flag=True,
-              help="With --out: redo every input (by default a complete set with this run's run key is skipped).")
+              help="Cohorts: redo every input (by default a complete set with this run's run key is skipped).")
 @click.option("--retry-failed", is_flag=True,
               help="Cohorts: also retry the inputs that failed before (by default they are not retried).")
 @click.option("--shard", default=None, metavar="K/N",
@@ -468,9 +467,9 @@ def main(inputs, model_path, out, as_json, device, threads, encoder_path, mpp, t
 
     Prints one line per input (file, predicted class, probability), or JSON with --json.
 
-    With --out the run resumes: an input whose output set is complete and has this run's run key is
-    not run again (--rerun redoes it). Cohort runs (--cohort, or any cohort option) also keep records
-    in OUT, can be sharded over processes (--shard, SLURM arrays) and run on Ray (docs/cohort.md).
+    Cohort runs (--out with --cohort or any cohort option) resume: an input whose output set is
+    complete and has this run's run key is not run again (--rerun redoes it). They keep records in
+    OUT, can be sharded over processes (--shard, SLURM arrays) and run on Ray (docs/cohort.md).
     """
     if status_out is not None:
         _print_status(status_out, as_json)
@@ -499,26 +498,31 @@ def main(inputs, model_path, out, as_json, device, threads, encoder_path, mpp, t
     if out is not None:
         from mil_runtime.cohort.records import manifest_path
 
-        cohort = bool([n for n in cohort_asked if n != "--rerun"]) or shard_value is not None \
-            or manifest_path(out).is_file()
-        ray_options = {"address": ray_address, "workers": ray_workers, "gpus_per_worker": gpus_per_worker,
-                       "max_retries": max_retries} if executor == "ray" else None
-        sys.exit(_run_out(expand_inputs(inputs), settings, as_json=as_json, cohort=cohort, rerun=rerun,
-                          retry_failed=retry_failed, shard=shard_value, mirror=mirror, executor=executor,
-                          ray_options=ray_options))
+        cohort = any(name != "--rerun" for name in cohort_asked) or shard_value is not None \
+            or manifest_path(out).is_file()  # a plain --out run (no cohort option) is mil-infer as before
+        if cohort:
+            ray_options = {"address": ray_address, "workers": ray_workers, "gpus_per_worker": gpus_per_worker,
+                           "max_retries": max_retries} if executor == "ray" else None
+            sys.exit(_run_cohort_cli(expand_inputs(inputs), settings, as_json=as_json, rerun=rerun,
+                                     retry_failed=retry_failed, shard=shard_value, mirror=mirror, executor=executor,
+                                     ray_options=ray_options))
     try:
+        if out is not None:
+            ensure_writable_dir(out)
+            clean_stale_temps(out)  # temporaries of killed runs whose claim is gone or stale
         runner = load_model(model_path, device=device, threads=threads)
     except KeyboardInterrupt as exc:
         _interrupted(exc)
     except Exception as exc:
         sys.exit(report_failure(exc, None))
 
+    claimed: dict[str, Path] = {}
     exit_code = 0
     inputs = expand_inputs(inputs)
     show_progress = not quiet and len(inputs) > 1 and sys.stderr.isatty()
     for path in tqdm(inputs, unit="input", file=sys.stderr, disable=not show_progress):
         try:
-            outcome = infer_input(path, runner, settings)
+            outcome = run_one(path, runner, settings, claimed)
         except KeyboardInterrupt as exc:
             _interrupted(exc)
         except Exception as exc:

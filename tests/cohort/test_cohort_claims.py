@@ -109,3 +109,27 @@ def test_a_claim_left_beside_a_finished_set_is_cleaned_when_the_set_is_skipped(t
     write_claim(out, "a", host=socket.gethostname(), pid=dead_pid(), heartbeat=time.time())
     assert statuses(run(inputs, out)) == {str(inputs[0]): "skipped"}
     assert not lock_path(out, "a").exists()
+
+
+def test_a_set_finished_by_another_process_between_the_look_and_the_claim_is_not_redone(tmp_path, monkeypatch):
+    """The race the claim alone does not close: the set was incomplete when looked at, another process
+    finished it and released its claim, then this one took the claim. The check under the claim skips it."""
+    from mil_runtime.cohort import CohortJob, SlideWorker
+    from mil_runtime.cohort.plan import plan_items
+
+    source = make_h5(tmp_path / "in" / "a.h5", seed=1)
+    out = tmp_path / "out"
+    run([source], out)  # "the other process"
+    stamp = (out / "a.json").stat().st_mtime_ns
+    worker = SlideWorker(CohortJob(DEMO_MODEL))
+    looks = []
+    real = SlideWorker._complete
+
+    def first_look_sees_nothing(self, item, key):
+        looks.append(item.stem)
+        return None if len(looks) == 1 else real(self, item, key)
+
+    monkeypatch.setattr(SlideWorker, "_complete", first_look_sees_nothing)
+    result = worker.process(plan_items([source], out)[0])
+    assert result.status == "skipped" and len(looks) == 2
+    assert (out / "a.json").stat().st_mtime_ns == stamp and not lock_path(out, "a").exists()

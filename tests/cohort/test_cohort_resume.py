@@ -164,3 +164,24 @@ def test_cohort_json_first_and_the_predictions_table_from_the_records(tmp_path):
     counts = cohort_status(out)
     assert counts["total"] == 5 and counts["done"] + counts["failed"] == len(mine)
     assert counts["pending"] == 5 - len(mine)
+
+
+def test_an_unexpected_crash_on_one_input_is_recorded_and_the_others_run(tmp_path, monkeypatch):
+    import mil_runtime.cli as cli
+
+    inputs = [make_h5(tmp_path / "in" / f"f{i}.h5", seed=i) for i in range(3)]
+    real = cli.infer_input
+
+    def crash_on_f1(path, runner, settings):
+        if path.stem == "f1":
+            raise RuntimeError("reader crashed")
+        return real(path, runner, settings)
+
+    monkeypatch.setattr(cli, "infer_input", crash_on_f1)
+    out = tmp_path / "out"
+    summary = run(inputs, out)
+    assert statuses(summary) == {str(inputs[0]): "done", str(inputs[1]): "failed", str(inputs[2]): "done"}
+    crashed = summary.results[1]
+    assert crashed.error_code == 1 and "unexpected RuntimeError: reader crashed" in crashed.error_line
+    assert json.loads((out / "f1.failed.json").read_text())["code"] == 1
+    assert not (out / "f1.lock").exists() and not [p for p in out.iterdir() if p.name.startswith(".")]
