@@ -110,14 +110,15 @@ def iter_cohort(items: Sequence[CohortItem], job: CohortJob, identity: JobIdenti
     else:
         raise InvalidInputError(f"unknown executor {executor!r}; use local or ray")
     ready = dict(decided)  # index -> result, released in input order
-    pending_index = {index for index, _ in todo}
+    waiting: dict[CohortItem, list[int]] = {}
+    for index, item in todo:
+        waiting.setdefault(item, []).append(index)
     next_index = 0
     for result in results:
-        index = next((i for i in sorted(pending_index) if items[i] == result.item), None)
-        if index is None:
+        indices = waiting.get(result.item)
+        if not indices:
             continue
-        pending_index.discard(index)
-        ready[index] = result
+        ready[indices.pop(0)] = result
         while next_index in ready:
             yield ready.pop(next_index)
             next_index += 1
