@@ -14,8 +14,18 @@ from mil_runtime._version import __version__
 from mil_runtime.features_io import FeatureFile, read_feature_file, write_feature_file
 from mil_runtime.model import MILRunner, Prediction, load_model
 
+
+
+def run_cohort(*args, **kwargs):
+    """mil_runtime.cohort.run_cohort (imported on first use): resumable runs of many inputs into one folder."""
+    from mil_runtime.cohort.runner import run_cohort as run
+
+    return run(*args, **kwargs)
+
+
 __all__ = [
     "__version__",
+    "run_cohort",
     "errors",
     "load_model",
     "MILRunner",

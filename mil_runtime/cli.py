@@ -344,7 +344,7 @@ def _run_cohort_cli(inputs: list[Path], settings: Settings, *, as_json: bool, re
                     shard: tuple[int, int] | None, mirror: bool | None, executor: str,
                     ray_options: dict | None) -> int:
     """A cohort run (mil_runtime.cohort.run_cohort): one line per input as for any run, a summary line on
-    stderr, the first failure's code."""
+    stderr (`cohort OUT: ...`, not with --quiet), the first failure's code."""
     from mil_runtime.cohort.runner import run_cohort
     from mil_runtime.cohort.worker import CohortJob
     from mil_runtime.outputs.record import read_output_set
@@ -435,8 +435,8 @@ def _run_cohort_cli(inputs: list[Path], settings: Settings, *, as_json: bool, re
 @click.option("--cohort", "cohort_flag", is_flag=True,
               help="A cohort run (needs --out): resume (skip complete sets with this run's run key) and keep "
                    "records (OUT/cohort.json first, <stem>.failed.json per refusal, OUT/predictions.csv at the "
-                   "end). Implied by --shard, --retry-failed, --mirror, --executor ray, --rerun with a cohort "
-                   "OUT, a SLURM array, and an OUT that already holds cohort.json.")
+                   "end). Implied by more than one input, --shard, --retry-failed, --mirror, --executor ray, "
+                   "--rerun with a cohort OUT, a SLURM array, and an OUT that already holds cohort.json.")
 @click.option("--rerun", is_flag=True,
               help="Cohorts: redo every input (by default a complete set with this run's run key is skipped).")
 @click.option("--retry-failed", is_flag=True,
@@ -467,7 +467,7 @@ def main(inputs, model_path, out, as_json, device, threads, encoder_path, mpp, t
 
     Prints one line per input (file, predicted class, probability), or JSON with --json.
 
-    Cohort runs (--out with --cohort or any cohort option) resume: an input whose output set is
+    Cohort runs (--out with several inputs, --cohort or any cohort option) resume: an input whose output set is
     complete and has this run's run key is not run again (--rerun redoes it). They keep records in
     OUT, can be sharded over processes (--shard, SLURM arrays) and run on Ray (docs/cohort.md).
     """
@@ -499,7 +499,7 @@ def main(inputs, model_path, out, as_json, device, threads, encoder_path, mpp, t
         from mil_runtime.cohort.records import manifest_path
 
         cohort = any(name != "--rerun" for name in cohort_asked) or shard_value is not None \
-            or manifest_path(out).is_file()  # a plain --out run (no cohort option) is mil-infer as before
+            or manifest_path(out).is_file() or len(expand_inputs(inputs)) > 1  # several inputs: a cohort
         if cohort:
             ray_options = {"address": ray_address, "workers": ray_workers, "gpus_per_worker": gpus_per_worker,
                            "max_retries": max_retries} if executor == "ray" else None

@@ -101,22 +101,27 @@ def test_status_of_a_folder_that_is_no_cohort_is_one_line(tmp_path):
     assert run.stderr.startswith(f"error: {tmp_path / 'cohort.json'}: no cohort record here")
 
 
-def test_plain_out_runs_are_unchanged_and_cohort_runs_resume(tmp_path):
+def test_one_input_runs_as_before_and_several_inputs_resume(tmp_path):
     inputs = [make_h5(tmp_path / f"f{i}.h5", seed=i) for i in range(2)]
+    single = tmp_path / "single"
+    one = mil_infer(inputs[0], "--model", DEMO_MODEL, "--out", single)  # one input, no cohort option: as before
+    assert one.returncode == 0 and sorted(p.name for p in single.iterdir()) == ["f0.json"]
+    stamp = (single / "f0.json").stat().st_mtime_ns
+    assert mil_infer(inputs[0], "--model", DEMO_MODEL, "--out", single).returncode == 0
+    assert (single / "f0.json").stat().st_mtime_ns != stamp and sorted(p.name for p in single.iterdir()) == ["f0.json"]
     out = tmp_path / "out"
-    first = mil_infer(*inputs, "--model", DEMO_MODEL, "--out", out)
-    assert first.returncode == 0 and sorted(p.name for p in out.iterdir()) == ["f0.json", "f1.json"]
+    first = mil_infer(*inputs, "--model", DEMO_MODEL, "--out", out)  # several inputs: a cohort run
+    assert first.returncode == 0 and "2 done, 0 skipped" in first.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["cohort.json", "f0.json", "f1.json", "predictions.csv"]
     stamp = (out / "f0.json").stat().st_mtime_ns
-    again = mil_infer(*inputs, "--model", DEMO_MODEL, "--out", out)  # no cohort option: runs as before
-    assert again.stdout == first.stdout and again.stderr == ""
-    assert (out / "f0.json").stat().st_mtime_ns != stamp and sorted(p.name for p in out.iterdir()) == ["f0.json", "f1.json"]
-    stamp = (out / "f0.json").stat().st_mtime_ns
-    cohort = mil_infer(*inputs, "--model", DEMO_MODEL, "--out", out, "--cohort")
-    assert cohort.stdout == first.stdout and (out / "f0.json").stat().st_mtime_ns == stamp  # resumed: skipped
-    assert "0 done, 2 skipped" in cohort.stderr
-    later = mil_infer(*inputs, "--model", DEMO_MODEL, "--out", out, "--rerun")  # OUT holds cohort.json now
+    again = mil_infer(*inputs, "--model", DEMO_MODEL, "--out", out)  # resumes by default: skipped
+    assert again.stdout == first.stdout and (out / "f0.json").stat().st_mtime_ns == stamp
+    assert "0 done, 2 skipped" in again.stderr
+    later = mil_infer(*inputs, "--model", DEMO_MODEL, "--out", out, "--rerun")
     assert later.returncode == 0 and "2 done, 0 skipped" in later.stderr
     assert (out / "f0.json").stat().st_mtime_ns != stamp
+    resumed_one = mil_infer(inputs[0], "--model", DEMO_MODEL, "--out", out)  # OUT holds cohort.json: a cohort
+    assert "0 done, 1 skipped" in resumed_one.stderr
 
 
 def test_shard_and_slurm_array_take_disjoint_shares(tmp_path):

@@ -152,12 +152,14 @@ def test_one_bad_input_does_not_stop_the_others(tmp_path, binary_model):
     out = tmp_path / "out"
     result = mil_infer(good_a, bad, tmp_path / "absent.h5", good_b, "--model", binary_model[1], "--out", out)
     assert result.returncode == InvalidInputError.exit_code  # the first failure's code
-    errors = result.stderr.strip().splitlines()
+    *errors, summary = result.stderr.strip().splitlines()  # several inputs: a cohort run, which sums up last
     assert [line.split(": ")[1] for line in errors] == [str(bad), str(tmp_path / "absent.h5")]
+    assert summary.startswith(f"cohort {out}: 2 done, 0 skipped (done before), 2 failed")
     assert "Traceback" not in result.stderr
     printed = result.stdout.strip().splitlines()
     assert [line.split(": ")[0] for line in printed] == [str(good_a), str(good_b)]
-    assert sorted(p.name for p in out.iterdir()) == ["good_a.json", "good_b.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["absent.failed.json", "bad.failed.json", "cohort.json",
+                                                     "good_a.json", "good_b.json", "predictions.csv"]
 
 
 # -- results ---------------------------------------------------------------------------------------

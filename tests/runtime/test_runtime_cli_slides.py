@@ -12,6 +12,7 @@ import pytest
 
 from mil_runtime.encoder import encoder_filename, sha256_file
 from mil_runtime.errors import ContractMismatchError, SlideReadError
+from mil_runtime.outputs.record import read_output_set
 
 from runtime_fixtures import abmil
 
@@ -120,8 +121,14 @@ def test_every_bad_slide_is_one_line_and_the_good_one_still_completes(tmp_path, 
         assert line.startswith(f"error: {path}: ")
     assert "--mpp" in lines[4]
     assert run.stdout.strip().splitlines()[-1].startswith(f"{SLIDE}: ")  # the glob matched the real slide
+    # several inputs make a cohort run: from several folders, OUT mirrors them (docs/cohort.md)
     suffixes = [".json", ".heatmap.png", ".tissue.png", ".tiles.geojson", ".tiles.csv", ".features.h5"]
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"CMU-1-Small-Region{s}" for s in suffixes)
+    written = [p for p in out.rglob("CMU-1-Small-Region*")]
+    assert sorted(p.name for p in written) == sorted(f"CMU-1-Small-Region{s}" for s in suffixes)
+    assert len({p.parent for p in written}) == 1 and read_output_set(written[0].parent, "CMU-1-Small-Region").complete
+    failures = sorted(p.name for p in out.rglob("*.failed.json"))
+    assert failures == sorted(f"{p.stem}.failed.json" for p in expected)  # one record per refused slide
+    assert (out / "cohort.json").is_file() and (out / "predictions.csv").is_file()
 
     for path, code in expected.items():  # each alone exits with its own documented code
         alone = mil_infer(path, "--model", slide_model, "--out", tmp_path / "alone", "--quiet")
