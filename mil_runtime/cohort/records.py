@@ -144,8 +144,13 @@ def read_cohort_manifest(out: Path) -> tuple[list[CohortItem], CohortJob, JobIde
 
 
 # -- the state of one item, from the records -----------------------------------------------------
-def item_state(item: CohortItem, job: CohortJob, identity: JobIdentity) -> tuple[str, dict | None, str | None]:
-    """("done", the set's record, key) | ("failed", the failure record, key) | ("pending", None, key)."""
+def item_state(item: CohortItem, job: CohortJob, identity: JobIdentity, *,
+               verify_hashes: bool = True) -> tuple[str, dict | None, str | None]:
+    """("done", the set's record, key) | ("failed", the failure record, key) | ("pending", None, key).
+
+    verify_hashes=False trusts the record's list of files without reading them (status and the table:
+    resume, which decides what is redone, checks every hash).
+    """
     from mil_runtime.outputs.record import read_output_set
 
     try:
@@ -153,7 +158,7 @@ def item_state(item: CohortItem, job: CohortJob, identity: JobIdentity) -> tuple
     except MilkitError:
         key = None
     if key is not None:
-        found = read_output_set(item.out_dir, item.stem)
+        found = read_output_set(item.out_dir, item.stem, verify_hashes=verify_hashes)
         if found.complete and found.run_key == key:
             return "done", found.record, key
     failure = read_failure(item)
@@ -177,7 +182,7 @@ def cohort_status(out: Path) -> dict[str, int]:
     items, job, identity = read_cohort_manifest(out)
     counts = {"total": len(items), "done": 0, "failed": 0, "pending": 0, "running": 0, "stale_claims": 0}
     for item in items:
-        state, _, _ = item_state(item, job, identity)
+        state, _, _ = item_state(item, job, identity, verify_hashes=False)
         counts[state] += 1
         claim = claim_state(item)
         if claim == "live":
@@ -195,7 +200,7 @@ def write_predictions_table(out: Path) -> Path:
     rows = []
     classes: dict[str, None] = {}
     for item in items:
-        state, record, _ = item_state(item, job, identity)
+        state, record, _ = item_state(item, job, identity, verify_hashes=False)
         row: dict[str, Any] = {"input": str(item.input), "stem": item.stem, "status": state}
         if state == "done":
             prediction = prediction_of(record) or {}
