@@ -55,7 +55,7 @@ def _mil_infer(slides: list[Path], model_path: Path, out_dir: Path, device: str,
     CLI's own documented code.
     """
     args = [*map(str, slides), "--model", str(model_path), "--out", str(out_dir), "--device", device,
-            "--workers", str(workers)]
+            "--workers", str(workers), "--no-mirror"]  # a cohort of two slides from two folders: one flat folder
     _say("$ mil-infer " + " ".join(args))
     done = subprocess.run([sys.executable, "-m", "mil_runtime.cli", *args, "--json"], stdout=subprocess.PIPE,
                           text=True)

@@ -105,9 +105,11 @@ def test_demo_command_end_to_end(tmp_path):
         result = json.loads((out / f"{stem}.json").read_text())
         assert result["n_instances"] > 10 and set(result["probabilities"]) == {"clean", "lesion"}
         geojson = json.loads((out / f"{stem}.tiles.geojson").read_text())
-        assert len(geojson["features"]) == result["n_instances"]
+        tiles = [f for f in geojson["features"] if f["properties"]["objectType"] == "tile"]
+        assert len(tiles) == result["n_instances"] and len(geojson["features"]) == len(tiles) + 1  # + prediction
     assert json.loads((out / "CMU-1-Small-Region.json").read_text())["mpp"]["value"] == pytest.approx(0.499)
     assert not list(out.glob(".*"))  # no temporary files left behind
+    assert (out / "predictions.csv").is_file()  # two slides: a cohort run, with its table
 
 
 def test_demo_without_model_says_what_to_do(tmp_path, capsys):
