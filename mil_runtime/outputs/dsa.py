@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mil_runtime.errors import OutputError
+from mil_runtime.outputs.jsonable import to_jsonable
 
 if TYPE_CHECKING:  # writer.py imports this module; a runtime import back would be circular
     from mil_runtime.outputs.writer import TileTable
@@ -50,23 +51,6 @@ _VIRIDIS = [(68, 1, 84), (72, 40, 120), (62, 74, 137), (49, 104, 142), (38, 130,
 COLOR_RANGE = ["rgba(0, 0, 0, 0)"] + [f"rgba({r}, {g}, {b}, {0.5 + 0.05 * i:.2f})"
                                       for i, (r, g, b) in enumerate(_VIRIDIS)]
 RANGE_VALUES = [0.0] + [round(0.1 * (i + 1), 2) for i in range(len(_VIRIDIS))]
-
-
-def _finite(value: Any) -> Any:
-    """Plain JSON values with non-finite floats as None (attributes copied from the result)."""
-    if isinstance(value, Mapping):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _finite(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def _stride(offsets: np.ndarray, size_level0: int, recorded: Any) -> int:
@@ -177,7 +161,7 @@ def dsa_annotation(tiles: TileTable, result: dict, *, attention_class: str | Non
     return {
         "name": f"milkit {map_name} ({model.get('name') or 'model'})",
         "description": description,
-        "attributes": _finite(attributes),
+        "attributes": to_jsonable(attributes),
         "elements": [element],
     }
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -39,6 +38,7 @@ from mil_runtime.errors import InvalidInputError, OutputError
 from mil_runtime.features_io import write_feature_file
 from mil_runtime.outputs.geojson import tile_measurements, tiles_feature_collection
 from mil_runtime.outputs.heatmap import attention_heatmap
+from mil_runtime.outputs.jsonable import to_jsonable  # noqa: F401  (also imported from here)
 from mil_runtime.outputs.record import RECORD_FIELD, set_manifest
 from mil_runtime.outputs.tables import write_tiles_csv
 from mil_runtime.run_key import result_run_key
@@ -120,23 +120,6 @@ def output_paths(out_dir: str | os.PathLike, stem: str, class_names: Sequence[st
     for name, label in class_file_labels(class_names).items():
         paths[CLASS_HEATMAP_KIND + name] = Path(out_dir) / f"{stem}.heatmap.{label}.png"
     return paths
-
-
-def to_jsonable(value: Any) -> Any:
-    """numpy scalars/arrays and Paths to plain JSON values; non-finite floats to None (JSON has no NaN)."""
-    if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return to_jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 @dataclass
