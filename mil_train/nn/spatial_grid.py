@@ -9,7 +9,7 @@ tokens, so a bag alone and the same bag padded in a batch see the same tokens.
 
 S is read from the coords' values (`.item()` under `torch._check` bounds), which torch.export keeps
 as a data-dependent symbol and onnxruntime computes from the coords input at run time. Rows go into
-the grid with `scatter_add` (ScatterElements with add in ONNX; never index_put(accumulate=True)):
+the grid with `scatter_add` (ScatterElements with add in ONNX, never an accumulating ScatterND):
 padded rows go to a trash cell past the grid, and two rows with the same coordinates are averaged
 (torchmil keeps one of them, whichever its index_put writes last).
 """

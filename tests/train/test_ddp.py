@@ -252,7 +252,7 @@ def ddp(tmp_path_factory):
     env = {"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
     code = distributed.launch_local(2, [sys.executable, __file__, str(out)], env=env, timeout_s=LAUNCH_TIMEOUT_S)
     assert code == 0, f"the 2-process launch ended with {code}"
-    results = [torch.load(out / f"results_rank{r}.pt", weights_only=False) for r in (0, 1)]
+    results = [torch.load(out / f"results_rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert [r["world_size"] for r in results] == [2, 2]
     return out, results
 
