@@ -42,29 +42,18 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(Path(__file__).resolve().parent) not in sys.path:  # benchmarks/machine_info.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine_info import cpu_model, package_version, usable_cores  # noqa: E402
 MODEL = REPO / "models" / "demo" / "abmil_demo.onnx"
 NETNS_ENV = "MILKIT_PRIVATE_NETNS"
 PROJECTION_SLIDES = 30_000
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    versions = []
-    for name in ("onnxruntime", "ray"):
-        try:
-            module = __import__(name)
-            versions.append(f"{name} {module.__version__}")
-        except ImportError:
-            versions.append(f"{name} not installed")
-    return (f"{cpu}, {cores} cores available, {platform.system()} {platform.release()}, Python "
+    versions = [f"{name} {package_version(name)}" for name in ("onnxruntime", "ray")]
+    return (f"{cpu_model()}, {usable_cores()} cores available, {platform.system()} {platform.release()}, Python "
             f"{platform.python_version()}, {', '.join(versions)}")
 
 

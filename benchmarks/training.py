@@ -61,8 +61,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, Path(__file__).resolve().parent):  # milkit, and benchmarks/machine_info.py
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from machine_info import cpu_model, package_version, usable_cores  # noqa: E402
 
 IN_DIM = 1024
 DEFAULT_MODELS = ("ABMIL", "TransMIL", "SmABMIL")
@@ -74,27 +77,6 @@ EXTRA_SIGNAL_DIMS, EXTRA_SHIFT = 64, 2.0  # witnesses: + this in the first 64 fe
 # -- the machine --------------------------------------------------------------------------------
 
 
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def package_version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "not installed"
 
 
 def machine(threads: int, device: str) -> str:
