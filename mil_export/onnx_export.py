@@ -54,8 +54,9 @@ class ContractWrapper(nn.Module):
     def __init__(self, model: MILModel) -> None:
         super().__init__()
         self.model = model
-        self.per_class = exports_class_attention(model)  # a Python constant of the model, not of a tensor
-        self.per_instance = has_instance_classifier(model)  # likewise
+        # the optional outputs this model exports (Python constants of the model, not of a tensor); each is
+        # the MILOutput field of the same name
+        self.optional = [name for name in output_names(model) if name in contract.MIL_OPTIONAL_OUTPUTS]
 
     def forward(
         self,
@@ -68,21 +69,21 @@ class ContractWrapper(nn.Module):
         out = self.model(features, mask, edge_index=edge_index, edge_weight=edge_weight, coords=coords)
         probabilities = self.model.probabilities(out.logits)  # (batch, n_classes)
         outputs = [out.logits, probabilities, out.attention]
-        if self.per_class:
-            if out.attention_by_class is None:
+        for name in self.optional:  # attention_by_class (batch, n_classes, bag), instance_probabilities (batch, bag, n_classes)
+            value = getattr(out, name)
+            if value is None:
                 raise MilkitError(
-                    f"{self.model.name} declares class_attention = True but its forward left "
-                    "MILOutput.attention_by_class empty; fill it with the (batch, n_classes, bag) maps"
+                    f"{self.model.name} declares {OPTIONAL_OUTPUT_FLAGS[name]} but its forward left MILOutput.{name} "
+                    f"empty; fill it with the {OPTIONAL_OUTPUT_SHAPES[name]} values"
                 )
-            outputs.append(out.attention_by_class)  # (batch, n_classes, bag)
-        if self.per_instance:
-            if out.instance_probabilities is None:
-                raise MilkitError(
-                    f"{self.model.name} declares instance_outputs = True but its forward left "
-                    "MILOutput.instance_probabilities empty; fill it with the (batch, bag, n_classes) probabilities"
-                )
-            outputs.append(out.instance_probabilities)  # (batch, bag, n_classes)
+            outputs.append(value)
         return tuple(outputs)
+
+
+OPTIONAL_OUTPUT_FLAGS = {contract.ATTENTION_BY_CLASS: "class_attention = True",
+                         contract.INSTANCE_PROBABILITIES: "instance_outputs = True"}
+OPTIONAL_OUTPUT_SHAPES = {contract.ATTENTION_BY_CLASS: "(batch, n_classes, bag)",
+                          contract.INSTANCE_PROBABILITIES: "(batch, bag, n_classes)"}
 
 
 def exports_class_attention(model: MILModel) -> bool:

@@ -124,20 +124,15 @@ def _run_both(session, model: MILModel, features: torch.Tensor, lengths: Sequenc
             contract.PROBABILITIES: model.probabilities(out.logits),
             contract.ATTENTION: out.attention,
         }
-        if contract.ATTENTION_BY_CLASS in session.metadata.outputs:
-            if out.attention_by_class is None:
+        for name in contract.MIL_OPTIONAL_OUTPUTS:  # each is the MILOutput field of the same name
+            if name not in session.metadata.outputs:
+                continue
+            if getattr(out, name) is None:
                 raise ContractMismatchError(
-                    f"{session.path} has an {contract.ATTENTION_BY_CLASS} output but the eager "
-                    f"{model.name} returns none; pass the model this file was exported from"
+                    f"{session.path} has an {name} output but the eager {model.name} returns none; pass the "
+                    "model this file was exported from"
                 )
-            eager[contract.ATTENTION_BY_CLASS] = out.attention_by_class  # (batch, n_classes, bag)
-        if contract.INSTANCE_PROBABILITIES in session.metadata.outputs:
-            if out.instance_probabilities is None:
-                raise ContractMismatchError(
-                    f"{session.path} has an {contract.INSTANCE_PROBABILITIES} output but the eager "
-                    f"{model.name} returns none; pass the model this file was exported from"
-                )
-            eager[contract.INSTANCE_PROBABILITIES] = out.instance_probabilities  # (batch, bag, n_classes)
+            eager[name] = getattr(out, name)
     eager_out = {name: value.float().numpy() for name, value in eager.items()}
     return ort_out, eager_out
 
