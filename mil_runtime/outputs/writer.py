@@ -202,9 +202,9 @@ def write_slide_outputs(
                                 tiles.attention, tiles.attention_by_class, tiles.instance_probabilities)
         if "features" in temp:
             write_feature_file(temp["features"], **features)
-        run_key = result_run_key(to_jsonable(result), verify=verify)  # known before the record: DSA, DICOM carry it
-        if "dsa" in temp or "dicom_annotations" in temp:
-            provenance = {**to_jsonable(result), RECORD_FIELD: {"run_key": run_key}}
+        document = to_jsonable(result)  # once: the tiles list is long
+        run_key = result_run_key(document, verify=verify)  # known before the record: DSA, DICOM carry it
+        provenance = {**document, RECORD_FIELD: {"run_key": run_key}}
         if "dsa" in temp:
             from mil_runtime.outputs.dsa import dsa_annotation
 
