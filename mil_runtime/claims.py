@@ -122,8 +122,11 @@ def _busy(path: Path, claim: dict[str, Any] | None, stem: str) -> OutputBusyErro
     )
 
 
-# The files of a set (mil_runtime.outputs.writer.SUFFIXES, plus per-class heatmaps) and atomic's temp naming.
-SET_SUFFIXES = (".json", ".heatmap.png", ".tissue.png", ".tiles.geojson", ".tiles.csv", ".features.h5")
+# The files written under a stem's claim: its set (mil_runtime.outputs.writer.SUFFIXES, plus per-class
+# heatmaps) and the cohort's failure record, longest first so that `x.dsa.json` is stem x's, not
+# `x.dsa`'s (whose free claim would otherwise let a clean-up remove a live writer's temporary).
+SET_SUFFIXES = tuple(sorted((".json", ".heatmap.png", ".tissue.png", ".tiles.geojson", ".tiles.csv", ".features.h5",
+                             ".annotations.dcm", ".attention.dcm", ".dsa.json", ".failed.json"), key=len, reverse=True))
 _TEMP = re.compile(r"^\.(?P<final>.+)\.[A-Za-z0-9_]+\.tmp$")
 _CLASS_HEATMAP = re.compile(r"^(?P<stem>.+)\.heatmap\.[^.]+(?:\.[^.]+)*\.png$")
 

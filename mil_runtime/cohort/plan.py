@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mil_runtime.errors import InvalidInputError
+
 
 @dataclass(frozen=True)
 class CohortItem:
@@ -54,7 +56,22 @@ def plan_items(inputs: Sequence[Path], out: Path, *, mirror: bool | None = None)
     for absolute, given in unique.items():
         out_dir = out / absolute.parent.relative_to(root) if root is not None else out
         items.append(CohortItem(input=given, out_dir=Path(os.path.normpath(out_dir)), stem=input_stem(given)))
+    refuse_reserved_names(items, out)
     return items
+
+
+def refuse_reserved_names(items: Sequence[CohortItem], out: Path) -> None:
+    """InvalidInputError when an input's set would be named like OUT/cohort.json, the cohort's own record.
+
+    (Two inputs with one stem in one folder are not refused here: the second fails on its own, exit 7,
+    because the set there records another input; see test_cohort_plan.)
+    """
+    from mil_runtime.cohort.records import MANIFEST_NAME, MANIFEST_STEM
+
+    for item in items:
+        if item.stem == MANIFEST_STEM and os.path.normpath(item.out_dir) == os.path.normpath(out):
+            raise InvalidInputError(f"{item.input}: its outputs would be {Path(out) / MANIFEST_STEM}.*, and "
+                                    f"{MANIFEST_NAME} there is the cohort's own record; rename the input")
 
 
 def path_hash(item: CohortItem) -> str:
@@ -107,4 +124,5 @@ def shard_from_env(value: str | None, environ: Mapping[str, str] | None = None) 
     return k, n
 
 
-__all__ = ["CohortItem", "input_stem", "parse_shard", "plan_items", "path_hash", "shard", "shard_from_env"]
+__all__ = ["CohortItem", "input_stem", "parse_shard", "path_hash", "plan_items", "refuse_reserved_names", "shard",
+           "shard_from_env"]

@@ -20,18 +20,22 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from mil_runtime.atomic import atomic_write
+from mil_runtime.claims import claim_stem
 from mil_runtime.cohort.plan import CohortItem
 from mil_runtime.cohort.worker import CohortJob, JobIdentity, expected_run_key, job_identity, prediction_of
-from mil_runtime.errors import InputNotFoundError, InvalidInputError, MilkitError
+from mil_runtime.errors import InputNotFoundError, InvalidInputError, MilkitError, OutputBusyError
 
 MANIFEST_NAME = "cohort.json"
+MANIFEST_STEM = "cohort"  # a reserved stem in OUT: no slide's set may be named so (plan_items refuses it)
 TABLE_NAME = "predictions.csv"
+RECORD_WAIT_S = 60.0  # how long a process waits for another one writing the cohort's records
 FAILED_SUFFIX = ".failed.json"
 MANIFEST_VERSION = 1
 
@@ -46,6 +50,28 @@ def failure_path(item: CohortItem) -> Path:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@contextmanager
+def cohort_records_claim(out: Path) -> Iterator[None]:
+    """Hold OUT/cohort.lock while writing cohort.json or predictions.csv.
+
+    Overlapping processes on one OUT write these files too, and each one's start-up clean-up removes
+    the temporaries of stems whose claim is free; `.cohort.json.*.tmp` is stem "cohort"'s, so without
+    the claim one process's clean-up could remove the manifest another is committing. The writes take
+    milliseconds, so a process that finds the claim held waits for it.
+    """
+    deadline = time.monotonic() + RECORD_WAIT_S
+    with ExitStack() as stack:
+        while True:
+            try:
+                stack.enter_context(claim_stem(out, MANIFEST_STEM))
+                break
+            except OutputBusyError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield
 
 
 def _jsonable(value: Any) -> Any:
@@ -108,7 +134,7 @@ def write_cohort_manifest(out: Path, items: Iterable[CohortItem], job: CohortJob
     }
     path = manifest_path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as handle:
+    with cohort_records_claim(out), atomic_write(path) as handle:
         json.dump(document, handle, indent=1)
         handle.write("\n")
     return path
@@ -217,7 +243,7 @@ def write_predictions_table(out: Path) -> Path:
     columns = ["input", "stem", "status", "class_name", *[f"p_{name}" for name in classes], "n_tiles",
                "error_code", "error_line", "record", "outputs"]
     path = out / TABLE_NAME
-    with atomic_write(path) as handle:
+    with cohort_records_claim(out), atomic_write(path) as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         for row in rows:
@@ -227,6 +253,7 @@ def write_predictions_table(out: Path) -> Path:
     return path
 
 
-__all__ = ["FAILED_SUFFIX", "MANIFEST_NAME", "TABLE_NAME", "claim_state", "cohort_status", "failure_path",
+__all__ = ["FAILED_SUFFIX", "MANIFEST_NAME", "MANIFEST_STEM", "TABLE_NAME", "claim_state", "cohort_records_claim",
+           "cohort_status", "failure_path",
            "item_state", "manifest_path", "read_cohort_manifest", "read_failure", "remove_failure",
            "write_cohort_manifest", "write_failure", "write_predictions_table"]

@@ -133,3 +133,51 @@ def test_a_set_finished_by_another_process_between_the_look_and_the_claim_is_not
     result = worker.process(plan_items([source], out)[0])
     assert result.status == "skipped" and len(looks) == 2
     assert (out / "a.json").stat().st_mtime_ns == stamp and not lock_path(out, "a").exists()
+
+
+@pytest.mark.parametrize("record", ["manifest", "table", "failure"])
+def test_another_process_cleaning_up_never_removes_a_cohort_record_being_committed(tmp_path, monkeypatch, record):
+    """The interleaving that lost OUT/cohort.json under four overlapping processes: one process's start-up
+    clean-up (clean_stale_temps) ran while another had `.cohort.json.<random>.tmp` written but not yet
+    renamed. Here the clean-up runs at exactly that point, inside the write; the record must survive."""
+    from mil_runtime.cohort import CohortJob, records
+    from mil_runtime.cohort.plan import plan_items
+
+    source = make_h5(tmp_path / "in" / "a.h5", seed=1)
+    out = tmp_path / "out"
+    item = plan_items([source], out)[0]
+    job = CohortJob(DEMO_MODEL)
+    if record != "manifest":
+        records.write_cohort_manifest(out, [item], job)
+    real_json, real_csv = records.json, records.csv
+
+    def clean_then(write):
+        def wrapped(*args, **kwargs):
+            claims.clean_stale_temps(out)  # the other process, mid-commit
+            return write(*args, **kwargs)
+        return wrapped
+
+    class JsonCleaningMidWrite:
+        dump = staticmethod(clean_then(real_json.dump))
+        loads = staticmethod(real_json.loads)
+
+    class CsvCleaningMidWrite:
+        DictWriter = staticmethod(clean_then(real_csv.DictWriter))
+
+    monkeypatch.setattr(records, "json", JsonCleaningMidWrite)
+    monkeypatch.setattr(records, "csv", CsvCleaningMidWrite)
+    if record == "manifest":
+        path = records.write_cohort_manifest(out, [item], job)
+        monkeypatch.undo()
+        assert records.read_cohort_manifest(out)[0] == [item]
+    elif record == "table":
+        path = records.write_predictions_table(out)
+        monkeypatch.undo()
+        assert path.read_text().splitlines()[1].startswith(f"{source},a,pending")
+    else:
+        with claims.claim_stem(out, "a"):  # a failure is recorded under the stem's claim
+            path = records.write_failure(item, 8, "error: unreadable", None)
+        monkeypatch.undo()
+        assert records.read_failure(item)["code"] == 8
+    assert path is not None and path.exists()
+    assert not [name for name in os.listdir(out) if name.endswith((".tmp", ".lock"))]

@@ -70,3 +70,16 @@ def test_shard_from_the_option_or_a_slurm_array():
             shard_from_env(bad, {})
     with pytest.raises(ValueError, match="SLURM"):
         shard_from_env(None, {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "4"})
+
+
+def test_an_input_named_like_the_cohort_record_is_refused_before_anything_is_written(tmp_path):
+    from mil_runtime.errors import InvalidInputError
+
+    inputs = [make_h5(tmp_path / "in" / "a.h5", seed=1), make_h5(tmp_path / "in" / "cohort.h5", seed=2)]
+    out = tmp_path / "out"
+    with pytest.raises(InvalidInputError, match="cohort.json there is the cohort's own record"):
+        run(inputs, out)
+    assert not out.exists() or not any(out.iterdir())
+    nested = [make_h5(tmp_path / "in" / "site" / "cohort.h5", seed=3), inputs[0]]  # mirrored: OUT/site/cohort.*
+    assert set(statuses(run(nested, out)).values()) == {"done"}
+    assert read_output_set(out / "site", "cohort").complete and (out / "cohort.json").exists()

@@ -283,6 +283,15 @@ def test_temporaries_are_matched_to_their_own_stem_only():
     assert temp_stem(".s.heatmap.tumor_high.png.ab12cd34.tmp") == "s"
     assert temp_stem(".s.lock.ab12cd34.tmp") == "s"  # a claim's heartbeat or take-over, killed half-way
     assert temp_stem(".notes.txt.ab12cd34.tmp") is None and temp_stem("s.json") is None
+    assert temp_stem(".s.failed.json.ab12cd34.tmp") == "s"  # the cohort's failure record, under s's claim
+    assert temp_stem(".s.dsa.json.ab12cd34.tmp") == "s" and temp_stem(".s.attention.dcm.ab12cd34.tmp") == "s"
+
+
+def test_every_member_the_writer_can_write_is_known_to_the_claims():
+    from mil_runtime.claims import SET_SUFFIXES
+    from mil_runtime.outputs.writer import SUFFIXES
+
+    assert set(SUFFIXES.values()) <= set(SET_SUFFIXES)
 
 
 # --- full disk and read-only folder ----------------------------------------------------------------------
