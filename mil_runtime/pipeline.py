@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ from mil_runtime.slide.open import Slide, open_slide
 from mil_runtime.slide.regions import FRAMES, Regions, bounds_offset, find_roi_file, read_regions
 from mil_runtime.slide.reader import TileReader
 from mil_runtime.slide.tissue import TISSUE_THRESHOLD, TissueMask, detect_tissue, tile_fractions
+
+ProgressHook = Callable[[str, int, int], None]  # on_progress(stage, done, total)
 
 MPP_DISAGREEMENT = 0.10  # warn when --mpp differs from the slide's own value by more than 10%
 
@@ -195,8 +198,12 @@ def _recorded_sha256(path: Path) -> str | None:
 
 
 def encode_tiles(slide_path: Path, plan: GridPlan, xy: np.ndarray, encoder: Any, *, batch_size: int,
-                 workers: int, progress: bool) -> np.ndarray:
-    """Read the tiles in threads and encode them in batches: (N, D) float32."""
+                 workers: int, progress: bool, on_progress: ProgressHook | None = None) -> np.ndarray:
+    """Read the tiles in threads and encode them in batches: (N, D) float32.
+
+    `on_progress("encoding", done, total)` is called after each batch; an exception raised from it
+    stops the encoding and propagates (the caller writes nothing).
+    """
     features = np.empty((len(xy), int(encoder.output_dim)), dtype=np.float32)  # (N, D)
     reader = TileReader(slide_path, plan, xy, batch_size=batch_size, workers=workers)
     bar = tqdm(total=len(xy), unit="tile", desc="encoding", file=sys.stderr,
@@ -211,6 +218,8 @@ def encode_tiles(slide_path: Path, plan: GridPlan, xy: np.ndarray, encoder: Any,
                 )
             features[start:start + len(tiles)] = batch
             bar.update(len(tiles))
+            if on_progress is not None:
+                on_progress("encoding", start + len(tiles), len(xy))
     return features
 
 
@@ -260,6 +269,7 @@ def run_slide(
     outputs: str | list[str] | tuple[str, ...] | None = None,
     roi: str | os.PathLike | None = None,
     geojson_frame: str = "bounds",
+    on_progress: ProgressHook | None = None,
 ) -> SlideResult:
     """Predict one slide with `model` (MILRunner) on features from `encoder` (encoder runner).
 
@@ -302,6 +312,8 @@ def run_slide(
     roi_file = find_roi_file(roi, slide_path) if roi is not None else None
     if out_dir is not None:
         ensure_writable_dir(out_dir)  # fail before the slow part, not after it
+    report = on_progress if on_progress is not None else (lambda stage, done, total: None)
+    report("tissue", 0, 0)
     with open_slide(slide_path) as slide:
         offset = bounds_offset(slide.properties)
         regions = read_regions(roi_file, geojson_frame, offset) if roi_file is not None else None
@@ -322,10 +334,12 @@ def run_slide(
         features, damaged = _reusable_features(paths["features"], encoder, plan, xy)
         warnings.extend([damaged] if damaged else [])
     reused = features is not None
+    report("encoding", len(xy) if reused else 0, len(xy))
     if features is None:
         features = encode_tiles(slide_path, plan, xy, encoder, batch_size=batch_size, workers=workers,
-                                progress=progress)
+                                progress=progress, on_progress=on_progress)
     lap("read_encode")
+    report("aggregating", len(xy), len(xy))
 
     prediction = model.predict(features, coords=grid_yx, source=str(slide_path))
     domain = check_domain(features, meta, warnings)  # warns when the features lie far from training's
@@ -342,6 +356,7 @@ def run_slide(
                                  output_dim=int(encoder.output_dim)),
     )
     if out_dir is not None:
+        report("writing", len(xy), len(xy))
         feature_args = None if reused else {
             "features": features, "coords_px": xy, "tile_px_level0": plan.tile_level0,
             "stride_level0": plan.stride_level0, "mpp": mpp_value,

@@ -1,0 +1,377 @@
+"""Jobs: handles -> computations keyed by the run key (DESIGN section 7).
+
+Every POST /v1/jobs gets its own handle. The handle points at a computation identified by the run key
+of (slide identity, model, encoder, settings): a finished one (in memory, or a complete set under
+STATE/results/<run key>) answers at once; a queued or running one is joined; otherwise a new one is
+queued. DELETE cancels one handle; the computation stops (at its next progress call, before anything
+is written) only when no handle wants it any more. The queue is bounded: more than `max_jobs` queued
+or running computations answer 503 with Retry-After. `workers` threads run computations, sharing the
+one loaded model and encoder per file (mil_runtime.serve.models).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mil_runtime.errors import InvalidInputError, MilkitError
+from mil_runtime.serve.errors import ApiError, one_line
+from mil_runtime.serve.models import ModelEntry
+from mil_runtime.serve.store import Store
+
+log = logging.getLogger("mil_runtime.serve")
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+ACTIVE = (QUEUED, RUNNING)
+RETRY_AFTER_S = 5
+GEOJSON_FRAME = "level0"  # the service speaks level-0 px everywhere (ROI in, GeoJSON out, /at, /top)
+RESTARTED = "the server stopped while this job was queued or running; nothing of it was kept: submit it again"
+
+
+class JobCancelled(Exception):
+    """Raised from the progress hook when no handle wants the computation any more."""
+
+
+@dataclass
+class Computation:
+    key: str
+    slide_path: Path | None
+    stem: str
+    folder: Path
+    model_id: str
+    roi_path: Path | None = None
+    state: str = QUEUED
+    stage: str = "queued"
+    done: int = 0
+    total: int = 0
+    error: dict | None = None
+    wanters: set = field(default_factory=set)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    changed: float = field(default_factory=time.monotonic)
+    external: bool = False  # a --results set: never run, never removed
+
+
+@dataclass
+class Handle:
+    id: str
+    comp: Computation
+    slide: str
+    model: str
+    cancelled: bool = False
+    created: float = field(default_factory=time.time)
+    own_error: dict | None = None  # restart: the handle failed, whatever its key's computation does now
+
+    @property
+    def state(self) -> str:
+        if self.cancelled:
+            return CANCELLED
+        if self.own_error is not None:
+            return FAILED
+        return self.comp.state
+
+    @property
+    def error(self) -> dict | None:
+        return self.own_error if self.own_error is not None else (self.comp.error if not self.cancelled else None)
+
+
+class JobManager:
+    def __init__(self, store: Store, models: dict[str, ModelEntry], *, max_jobs: int = 8, workers: int = 1,
+                 tile_workers: int = 2) -> None:
+        self.store, self.models = store, models
+        self.max_jobs, self.tile_workers = max(1, int(max_jobs)), tile_workers
+        self.handles: dict[str, Handle] = {}
+        self.comps: dict[str, Computation] = {}
+        self.lock = threading.RLock()
+        self.queue: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._work, name=f"mil-serve-worker-{i}", daemon=True)
+                         for i in range(max(1, int(workers)))]
+        self._restore()
+        for thread in self._threads:
+            thread.start()
+
+    # -- submitting ---------------------------------------------------------------------------
+    def run_key(self, slide_path: Path, model: ModelEntry, roi_path: Path | None) -> str:
+        from mil_runtime.outputs.writer import DEFAULT_OUTPUTS
+        from mil_runtime.run_key import compute_run_key, file_sha256, run_settings
+        from mil_runtime.slide.tissue import TISSUE_THRESHOLD
+
+        roi_sha = file_sha256(roi_path) if roi_path is not None else None
+        settings = run_settings(mpp_override=None, tissue_threshold=TISSUE_THRESHOLD, roi_sha256=roi_sha,
+                                roi_frame=GEOJSON_FRAME if roi_sha else None, outputs=list(DEFAULT_OUTPUTS),
+                                geojson_frame=GEOJSON_FRAME)
+        return compute_run_key(slide_path, model_sha256=model.sha256, encoder_sha256=model.encoder.sha256,
+                               settings=settings)
+
+    def save_roi(self, roi: Any) -> Path:
+        import hashlib
+
+        from mil_runtime.slide.regions import read_regions
+
+        if not isinstance(roi, (dict, list)):
+            raise ApiError(400, "roi must be a GeoJSON Feature, FeatureCollection or Polygon", 6)
+        data = json.dumps(roi, sort_keys=True, separators=(",", ":")).encode()
+        path = self.store.rois / f"{hashlib.sha256(data).hexdigest()}.geojson"
+        if not path.exists():
+            from mil_runtime.atomic import atomic_write
+
+            with atomic_write(path, "wb") as handle:
+                handle.write(data)
+        read_regions(path, GEOJSON_FRAME)  # refuse a region file with no polygon now, not in the worker
+        return path
+
+    def submit(self, slide_rel: str, slide_path: Path, model_id: str, roi: Any = None) -> Handle:
+        model = self.models.get(model_id)
+        if model is None:
+            raise ApiError(404, f"no model {model_id!r}; GET /v1/models lists them", 3)
+        model.require_encoder()
+        roi_path = self.save_roi(roi) if roi is not None else None
+        key = self.run_key(slide_path, model, roi_path)
+        with self.lock:
+            comp = self.comps.get(key)
+            if comp is None or comp.state in (FAILED, CANCELLED):
+                folder = self.store.result_folder(key)
+                stem = slide_path.stem
+                if self.store.complete(folder, stem, key) is not None:
+                    comp = Computation(key, slide_path, stem, folder, model_id, roi_path, state=DONE, stage="done")
+                else:
+                    if self.active_count() >= self.max_jobs:
+                        raise ApiError(503, f"the job queue is full ({self.max_jobs} jobs queued or running); "
+                                            f"retry in {RETRY_AFTER_S} s", 0, {"Retry-After": str(RETRY_AFTER_S)})
+                    comp = Computation(key, slide_path, stem, folder, model_id, roi_path)
+                    self.queue.put(comp)
+                self.comps[key] = comp
+            handle = Handle(secrets.token_hex(8), comp, slide_rel, model_id)
+            if comp.state in ACTIVE:
+                comp.wanters.add(handle.id)
+            self.handles[handle.id] = handle
+            self._save()
+        return handle
+
+    def active_count(self) -> int:
+        return sum(1 for c in self.comps.values() if c.state in ACTIVE)
+
+    def get(self, job_id: str) -> Handle:
+        handle = self.handles.get(job_id)
+        if handle is None:
+            raise ApiError(404, f"no job {job_id!r}")
+        return handle
+
+    def cancel(self, job_id: str) -> None:
+        with self.lock:
+            handle = self.get(job_id)
+            if handle.state in ACTIVE:
+                handle.cancelled = True
+                comp = handle.comp
+                comp.wanters.discard(handle.id)
+                if not comp.wanters:
+                    comp.cancel.set()
+                    if comp.state == QUEUED:
+                        self._finish(comp, CANCELLED, "cancelled")
+            self._save()
+
+    # -- running ------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                comp = self.queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            with self.lock:
+                if comp.state != QUEUED or comp.cancel.is_set():
+                    continue
+                comp.state, comp.stage, comp.changed = RUNNING, "starting", time.monotonic()
+            self._run(comp)
+
+    def _run(self, comp: Computation) -> None:
+        from mil_runtime.outputs.writer import DEFAULT_OUTPUTS
+        from mil_runtime.pipeline import run_slide
+
+        model = self.models[comp.model_id]
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if comp.cancel.is_set():
+                raise JobCancelled()
+            comp.stage, comp.done, comp.total, comp.changed = stage, int(done), int(total), time.monotonic()
+
+        try:
+            run_slide(comp.slide_path, model.runner, model.encoder, out_dir=comp.folder, outputs=list(DEFAULT_OUTPUTS),
+                      roi=comp.roi_path, geojson_frame=GEOJSON_FRAME, workers=self.tile_workers,
+                      on_progress=progress)
+        except JobCancelled:
+            self.store.discard(comp.key)
+            with self.lock:
+                self._finish(comp, CANCELLED, "cancelled")
+            return
+        except MilkitError as exc:
+            self.store.discard(comp.key)
+            with self.lock:
+                self._finish(comp, FAILED, "failed", {"code": int(exc.exit_code), "line": one_line(exc)})
+            return
+        except Exception as exc:  # noqa: BLE001  (a job never takes the server down)
+            log.error("job %s failed with an unexpected %s", comp.key[:12], type(exc).__name__)
+            self.store.discard(comp.key)
+            with self.lock:
+                self._finish(comp, FAILED, "failed", {"code": 1, "line": f"unexpected {type(exc).__name__}: {one_line(exc)}"})
+            return
+        with self.lock:
+            if self.store.complete(comp.folder, comp.stem) is None:
+                self._finish(comp, FAILED, "failed", {"code": 7, "line": "the result set did not read complete"})
+            else:
+                comp.done = comp.total
+                self._finish(comp, DONE, "done")
+
+    def _finish(self, comp: Computation, state: str, stage: str, error: dict | None = None) -> None:
+        comp.state, comp.stage, comp.error, comp.changed = state, stage, error, time.monotonic()
+        if state == CANCELLED and self.comps.get(comp.key) is comp:
+            del self.comps[comp.key]
+        self._save()
+
+    def close(self) -> None:
+        self._stop.set()
+        with self.lock:
+            for comp in self.comps.values():
+                if comp.state in ACTIVE:
+                    comp.cancel.set()
+        for thread in self._threads:
+            thread.join(timeout=10)
+
+    # -- persistence --------------------------------------------------------------------------
+    def _save(self) -> None:
+        jobs = []
+        for h in self.handles.values():
+            if h.comp.external:
+                continue
+            jobs.append({"id": h.id, "key": h.comp.key, "slide": h.slide, "model": h.model,
+                         "slide_path": str(h.comp.slide_path), "stem": h.comp.stem, "state": h.state,
+                         "error": h.error, "created": h.created})
+        try:
+            self.store.save_index(jobs)
+        except OSError as exc:
+            log.error("cannot write the job index: %s", exc.strerror or exc)
+
+    def _restore(self) -> None:
+        records = self.store.load_index()
+        keep = set()
+        for record in records:
+            try:
+                key, job_id = str(record["key"]), str(record["id"])
+                comp = self.comps.get(key)
+                if comp is None:
+                    stem = str(record["stem"])
+                    comp = Computation(key, Path(record["slide_path"]), stem, self.store.result_folder(key),
+                                       str(record["model"]), state=DONE, stage="done")
+                    if self.store.complete(comp.folder, stem, key) is None:
+                        comp.state, comp.stage = FAILED, "failed"
+                        comp.error = {"code": 1, "line": RESTARTED}
+                    else:
+                        self.comps[key] = comp
+                        keep.add(key)
+                handle = Handle(job_id, comp, str(record["slide"]), str(record["model"]),
+                                created=float(record.get("created") or time.time()))
+                if record.get("state") == CANCELLED:
+                    handle.cancelled = True
+                elif record.get("state") != DONE or comp.state != DONE:
+                    handle.own_error = record.get("error") if record.get("state") == FAILED and record.get("error") \
+                        else {"code": 1, "line": RESTARTED}
+                self.handles[job_id] = handle
+            except (KeyError, TypeError, ValueError):
+                continue
+        removed = self.store.clean_incomplete(keep | {c.key for c in self.comps.values()})
+        if removed:
+            log.warning("removed %d unfinished result folder(s) left by an earlier run", len(removed))
+        self._save()
+
+    # -- --results DIR -------------------------------------------------------------------------
+    def add_finished(self, job_id: str, folder: Path, stem: str, run_key: str, slide_rel: str,
+                     slide_path: Path | None, model_id: str) -> Handle:
+        with self.lock:
+            comp = Computation(run_key or job_id, slide_path, stem, folder, model_id, state=DONE, stage="done",
+                               external=True)
+            handle = Handle(job_id, comp, slide_rel, model_id)
+            self.handles[job_id] = handle
+        return handle
+
+
+class JobData:
+    """A finished set's tiles, read once: corners, attention (+ per class), instance scores, features."""
+
+    def __init__(self, folder: Path, stem: str) -> None:
+        self.folder, self.stem = Path(folder), stem
+        self.record_path = self.folder / f"{stem}.json"
+        self.record = json.loads(self.record_path.read_text(encoding="utf-8"))
+        tiles = self.record.get("tiles") or []
+        self.xy = np.array([[t["x"], t["y"]] for t in tiles], dtype=np.int64).reshape(-1, 2)
+        self.attention = np.array([t["attention"] for t in tiles], dtype=np.float64)
+        tiling = self.record.get("tiling") or {}
+        self.tile_level0 = int(tiling.get("tile_level0") or 1)
+        self.stride = int(tiling.get("stride_level0") or self.tile_level0)
+        by_class = [t.get("attention_by_class") for t in tiles]
+        self.classes = list(by_class[0]) if by_class and by_class[0] else []
+        self.attention_by_class = {c: np.array([b[c] for b in by_class], dtype=np.float64) for c in self.classes}
+        self.scores = self._instance_scores()
+        self._features = None
+        self._order = None
+        self._lock = threading.Lock()
+        gy, gx = self.xy[:, 1] // self.stride, self.xy[:, 0] // self.stride
+        self.grid_yx = np.stack([gy, gx], axis=1) if len(self.xy) else np.zeros((0, 2), dtype=np.int64)
+        self.index = {(int(r), int(c)): i for i, (r, c) in enumerate(self.grid_yx.tolist())}
+
+    def _instance_scores(self) -> dict[str, np.ndarray] | None:
+        path = self.folder / f"{self.stem}.tiles.csv"
+        if not path.is_file():
+            return None
+        import csv
+
+        with open(path, encoding="utf-8", newline="") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, [])
+            columns = [i for i, name in enumerate(header) if name.startswith("prob_")]
+            if not columns:
+                return None
+            rows = [[float(row[i]) for i in columns] for row in reader]
+        values = np.asarray(rows, dtype=np.float64).reshape(-1, len(columns))
+        return {header[i][5:]: values[:, k] for k, i in enumerate(columns)}
+
+    def values(self, cls: str | None) -> np.ndarray:
+        return self.attention if cls is None else self.attention_by_class[cls]
+
+    def features(self) -> np.ndarray:
+        with self._lock:
+            if self._features is None:
+                from mil_runtime.features_io import read_feature_file
+
+                path = self.folder / f"{self.stem}.features.h5"
+                if not path.is_file():
+                    raise ApiError(409, "this result has no features.h5, so it cannot be re-aggregated", 3)
+                stored = read_feature_file(path)
+                if stored.coords_px is None or not np.array_equal(stored.coords_px, self.xy):
+                    raise InvalidInputError(f"{path.name}: its tiles differ from the result's; re-run the job")
+                self._features = stored.features
+            return self._features
+
+    def tile_at(self, x: float, y: float) -> int | None:
+        if x < 0 or y < 0:
+            return None
+        i = self.index.get((int(y // self.stride), int(x // self.stride)))
+        if i is None:
+            return None
+        tx, ty = self.xy[i]
+        return i if (tx <= x < tx + self.tile_level0 and ty <= y < ty + self.tile_level0) else None
+
+    def ranks(self, cls: str | None) -> np.ndarray:
+        """Rank of each tile (1 = highest attention; ties by order)."""
+        values = self.values(cls)
+        order = np.argsort(-values, kind="stable")
+        ranks = np.empty(len(values), dtype=np.int64)
+        ranks[order] = np.arange(1, len(values) + 1)
+        return ranks
