@@ -88,6 +88,7 @@ class JobManager:
                  tile_workers: int = 2) -> None:
         self.store, self.models = store, models
         self.max_jobs, self.tile_workers = max(1, int(max_jobs)), tile_workers
+        self.batch_size = 64  # tiles per encoder batch, hence per progress report and cancel check
         self.handles: dict[str, Handle] = {}
         self.comps: dict[str, Computation] = {}
         self.lock = threading.RLock()
@@ -206,7 +207,7 @@ class JobManager:
         try:
             run_slide(comp.slide_path, model.runner, model.encoder, out_dir=comp.folder, outputs=list(DEFAULT_OUTPUTS),
                       roi=comp.roi_path, geojson_frame=GEOJSON_FRAME, workers=self.tile_workers,
-                      on_progress=progress)
+                      batch_size=self.batch_size, on_progress=progress)
         except JobCancelled:
             self.store.discard(comp.key)
             with self.lock:
