@@ -406,17 +406,26 @@ def region_mask(data: JobData, geojson: dict, tmp_dir: Path) -> np.ndarray:
         regions = read_regions(handle.name, GEOJSON_FRAME)
     finally:
         Path(handle.name).unlink(missing_ok=True)
-    if not len(data.xy):
-        return np.zeros(0, dtype=bool)
-    centre = data.tile_level0 / 2.0
-    # draw the regions on a grid whose pixel centres are the tiles' centres
-    gy, gx = data.grid_yx[:, 0], data.grid_yx[:, 1]
-    offset = centre - data.stride / 2.0
-    shifted = [([(x - offset, y - offset) for x, y in ext], [[(x - offset, y - offset) for x, y in h] for h in holes])
-               for ext, holes in regions.polygons]
-    regions.polygons = shifted
-    mask = regions.mask((int(gy.max()) + 1, int(gx.max()) + 1), (float(data.stride), float(data.stride)))
-    return mask[gy, gx]
+    centres = data.xy.astype(np.float64) + data.tile_level0 / 2.0  # (N, 2) level-0 (x, y)
+    inside = np.zeros(len(centres), dtype=bool)
+    for exterior, holes in regions.polygons:
+        here = points_in_ring(centres, exterior)
+        for hole in holes:
+            here &= ~points_in_ring(centres, hole)
+        inside |= here
+    return inside
+
+
+def points_in_ring(points: np.ndarray, ring) -> np.ndarray:
+    """(N,) bool: even-odd rule, points (N, 2) against one closed ring of (x, y) vertices."""
+    vertices = np.asarray(ring, dtype=np.float64)
+    x, y = points[:, 0][:, None], points[:, 1][:, None]  # (N, 1)
+    x0, y0 = vertices[:, 0][None, :], vertices[:, 1][None, :]  # (1, V)
+    x1, y1 = np.roll(vertices[:, 0], -1)[None, :], np.roll(vertices[:, 1], -1)[None, :]
+    crosses = (y0 > y) != (y1 > y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        at = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
+    return (np.count_nonzero(crosses & (x < at), axis=1) % 2) == 1
 
 
 def read_upload(file: UploadFile, tmp_dir: Path, limit: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
