@@ -1,0 +1,589 @@
+// milkit viewer: a slide in OpenSeadragon with the attention overlay of a mil-serve job.
+//
+// Plain ES module, no bundler, no CDN: OpenSeadragon is the copy `make page` puts in ./vendor/ (loaded by
+// index.html as a classic script before this module). Every URL is relative to the page, so the page works
+// wherever create_app is mounted. API: docs/serve.md.
+//
+// Auth: the page itself holds no data and loads without a token. When the API answers 401 it asks for
+// one, keeps it in sessionStorage and sends it as an `Authorization: Bearer` header on fetch(); it never
+// goes into a URL. Tile, DZI and legend URLs come from the API already signed (?exp=&sig=).
+
+const OSD = window.OpenSeadragon;
+const $ = (id) => document.getElementById(id);
+const TOKEN_KEY = "milkit-token";
+const API = new URL("v1/", document.baseURI);
+const POLL_MS = 500;
+const POINTER_MS = 150; // at most one /at request per this many ms
+const TOP_K = 10;
+
+const state = {
+  token: sessionStorage.getItem(TOKEN_KEY),
+  slides: [],
+  models: [],
+  job: null, // the job object (GET /v1/jobs/{id})
+  result: null, // the job's result JSON
+  slidePath: null, // URL path of the open slide DZI
+  slideItem: null, // its OpenSeadragon TiledImage
+  overlayItem: null, // the heatmap's TiledImage
+  overlaySeq: 0,
+  followSeq: 0, // bumps when the followed job changes; stale followers stop
+  eventSource: null,
+  marker: null, // the top-k tile marker element
+};
+
+class ApiError extends Error {
+  constructor(status, code, line) {
+    super(line);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+// -- the API ---------------------------------------------------------------------------------------
+function resolve(url) {
+  return new URL(url, API).href;
+}
+
+async function api(path, { method = "GET", body } = {}) {
+  const headers = {};
+  if (state.token) headers.Authorization = `Bearer ${state.token}`;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const response = await fetch(resolve(path), {
+    method,
+    headers,
+    body: body === undefined ? undefined : JSON.stringify(body),
+    credentials: "same-origin",
+    cache: "no-store",
+  });
+  if (response.status === 401) {
+    askToken(state.token ? "the token was refused; enter it again" : null);
+    throw new ApiError(401, 0, "this server needs an access token");
+  }
+  if (!response.ok) {
+    let code = 0;
+    let line = `${response.status} ${response.statusText}`;
+    try {
+      const data = await response.json();
+      if (data && data.error) {
+        code = data.error.code;
+        line = data.error.line || line;
+      }
+    } catch (_) {
+      /* not JSON: keep the status line */
+    }
+    throw new ApiError(response.status, code, line);
+  }
+  if (response.status === 204) return null;
+  return response.json();
+}
+
+function withQuery(url, params) {
+  const u = new URL(url, API);
+  for (const [key, value] of Object.entries(params)) {
+    if (value === "" || value === null || value === undefined) u.searchParams.delete(key);
+    else u.searchParams.set(key, value);
+  }
+  return u.href;
+}
+
+function jobPath(suffix = "") {
+  return `jobs/${encodeURIComponent(state.job.id)}${suffix}`;
+}
+
+// -- messages --------------------------------------------------------------------------------------
+function showError(error) {
+  const box = $("error");
+  box.textContent = error ? String(error.message || error) : "";
+  box.hidden = !error;
+}
+
+function askToken(message) {
+  const form = $("token-form");
+  form.hidden = false;
+  if (message) form.querySelector("label").textContent = message;
+  $("token").focus();
+}
+
+// -- the viewer ------------------------------------------------------------------------------------
+const viewer = OSD({
+  element: $("viewer"),
+  prefixUrl: new URL("page/vendor/openseadragon/images/", document.baseURI).href,
+  drawer: "canvas",
+  crossOriginPolicy: false,
+  showNavigator: false,
+  maxZoomPixelRatio: 2,
+  visibilityRatio: 0.5,
+  preserveImageSizeOnResize: true,
+  gestureSettingsMouse: { clickToZoom: false },
+  timeout: 120000,
+});
+
+viewer.addHandler("open", () => {
+  state.slideItem = viewer.world.getItemAt(0);
+  state.overlayItem = null;
+});
+
+viewer.addHandler("open-failed", (event) => showError(`the slide did not open: ${event.message}`));
+
+function openSlide(dziUrl) {
+  const url = resolve(dziUrl);
+  const path = new URL(url).pathname;
+  if (state.slidePath === path && state.slideItem) return Promise.resolve(state.slideItem);
+  state.slidePath = path;
+  state.slideItem = null;
+  state.overlayItem = null;
+  return new Promise((done, fail) => {
+    viewer.addOnceHandler("open", () => done(state.slideItem));
+    viewer.addOnceHandler("open-failed", (event) => fail(new Error(event.message)));
+    viewer.open(url);
+  });
+}
+
+// -- the overlay -----------------------------------------------------------------------------------
+function overlayQuery() {
+  return { class: $("class-select").value, norm: $("norm-select").value };
+}
+
+function overlayOpacity() {
+  return $("overlay-toggle").checked ? Number($("opacity").value) : 0;
+}
+
+function addOverlay() {
+  const job = state.job;
+  if (!job || !state.slideItem || !job.urls || !job.urls.heatmap_dzi) return;
+  const seq = ++state.overlaySeq;
+  const bounds = state.slideItem.getBounds();
+  viewer.addTiledImage({
+    tileSource: withQuery(job.urls.heatmap_dzi, overlayQuery()),
+    x: bounds.x,
+    y: bounds.y,
+    width: bounds.width, // the overlay is on the slide's own DZI grid: same world rectangle
+    opacity: overlayOpacity(),
+    success: (event) => {
+      if (seq !== state.overlaySeq || state.job !== job) {
+        viewer.world.removeItem(event.item); // a newer overlay (or job) replaced this one meanwhile
+        return;
+      }
+      if (state.overlayItem) viewer.world.removeItem(state.overlayItem);
+      state.overlayItem = event.item;
+    },
+    error: (event) => showError(`the attention overlay did not load: ${event.message}`),
+  });
+  if (job.urls.legend) {
+    const legend = $("legend");
+    legend.src = withQuery(job.urls.legend, overlayQuery());
+    legend.hidden = false;
+  }
+}
+
+function removeOverlay() {
+  state.overlaySeq += 1;
+  if (state.overlayItem) viewer.world.removeItem(state.overlayItem);
+  state.overlayItem = null;
+  $("legend").hidden = true;
+  $("legend").removeAttribute("src");
+}
+
+$("opacity").addEventListener("input", () => {
+  if (state.overlayItem) state.overlayItem.setOpacity(overlayOpacity());
+});
+$("overlay-toggle").addEventListener("change", () => {
+  if (state.overlayItem) state.overlayItem.setOpacity(overlayOpacity());
+});
+$("class-select").addEventListener("change", addOverlay);
+$("norm-select").addEventListener("change", addOverlay);
+
+function fillClasses(classes) {
+  const select = $("class-select");
+  const previous = select.value;
+  select.replaceChildren();
+  if (!classes || classes.length === 0) {
+    select.append(new Option("attention (one map)", ""));
+    select.disabled = true;
+    return;
+  }
+  for (const name of classes) select.append(new Option(name, name));
+  select.value = classes.includes(previous) ? previous : classes[0];
+  select.disabled = false;
+}
+
+// -- the result ------------------------------------------------------------------------------------
+function formatNumber(value) {
+  if (typeof value !== "number" || !Number.isFinite(value)) return String(value);
+  if (value !== 0 && Math.abs(value) < 1e-3) return value.toExponential(2);
+  return value.toFixed(4);
+}
+
+function renderPrediction(result) {
+  const box = $("prediction");
+  const body = $("probabilities").tBodies[0];
+  body.replaceChildren();
+  if (!result) {
+    box.textContent = "no result yet";
+    box.classList.add("muted");
+    return;
+  }
+  const predicted = result.prediction ? result.prediction.class_name : null;
+  box.textContent = predicted == null ? "(no prediction)" : predicted;
+  box.classList.remove("muted");
+  for (const [name, p] of Object.entries(result.probabilities || {})) {
+    const row = body.insertRow();
+    row.dataset.class = name;
+    if (name === predicted) row.classList.add("predicted");
+    row.insertCell().textContent = name;
+    const cell = row.insertCell();
+    cell.className = "value";
+    cell.textContent = typeof p === "number" ? p.toFixed(3) : String(p);
+  }
+}
+
+async function loadTopk() {
+  const list = $("topk");
+  list.replaceChildren();
+  const job = state.job;
+  const tiles = await api(jobPath(`/top?k=${TOP_K}`));
+  if (state.job !== job) return;
+  for (const tile of tiles) {
+    const item = document.createElement("li");
+    item.tabIndex = 0;
+    item.dataset.rank = tile.rank;
+    item.dataset.x = tile.x;
+    item.dataset.y = tile.y;
+    item.dataset.width = tile.width;
+    item.dataset.height = tile.height;
+    item.textContent = `${formatNumber(tile.attention)} at (${tile.x}, ${tile.y})`;
+    item.title = `rank ${tile.rank}: ${tile.width} x ${tile.height} px at level 0`;
+    const go = () => flyTo(tile, item);
+    item.addEventListener("click", go);
+    item.addEventListener("keydown", (event) => {
+      if (event.key === "Enter" || event.key === " ") {
+        event.preventDefault();
+        go();
+      }
+    });
+    list.append(item);
+  }
+}
+
+function flyTo(tile, item) {
+  if (!state.slideItem) return;
+  const pad = Math.max(tile.width, tile.height); // one tile of context on every side
+  const view = state.slideItem.imageToViewportRectangle(
+    tile.x - pad, tile.y - pad, tile.width + 2 * pad, tile.height + 2 * pad);
+  viewer.viewport.fitBounds(view);
+  if (state.marker) viewer.removeOverlay(state.marker);
+  state.marker = document.createElement("div");
+  state.marker.className = "tile-marker";
+  viewer.addOverlay({
+    element: state.marker,
+    location: state.slideItem.imageToViewportRectangle(tile.x, tile.y, tile.width, tile.height),
+  });
+  for (const other of $("topk").children) other.classList.toggle("active", other === item);
+}
+
+// -- attention under the pointer (throttled) -------------------------------------------------------
+const pointer = { pending: null, inflight: false, last: 0, timer: null, seq: 0 };
+
+function pointerMoved(position) {
+  pointer.pending = position;
+  pumpPointer();
+}
+
+function pumpPointer() {
+  if (pointer.inflight || !pointer.pending) return;
+  const wait = pointer.last + POINTER_MS - performance.now();
+  if (wait > 0) {
+    if (!pointer.timer) {
+      pointer.timer = setTimeout(() => {
+        pointer.timer = null;
+        pumpPointer();
+      }, wait);
+    }
+    return;
+  }
+  const position = pointer.pending;
+  pointer.pending = null;
+  pointer.inflight = true;
+  pointer.last = performance.now();
+  queryAt(position)
+    .catch((error) => {
+      $("pointer-attention").textContent = error.message;
+    })
+    .finally(() => {
+      pointer.inflight = false;
+      pumpPointer();
+    });
+}
+
+async function queryAt(position) {
+  const box = $("pointer-attention");
+  const job = state.job;
+  if (!job || job.state !== "done" || !state.slideItem) return;
+  const point = state.slideItem.viewerElementToImageCoordinates(position);
+  const x = Math.floor(point.x);
+  const y = Math.floor(point.y);
+  const size = state.slideItem.getContentSize();
+  if (x < 0 || y < 0 || x >= size.x || y >= size.y) {
+    box.textContent = "outside the slide";
+    return;
+  }
+  const seq = ++pointer.seq;
+  const answer = await api(jobPath(`/at?x=${x}&y=${y}`));
+  if (seq !== pointer.seq || state.job !== job) return;
+  box.classList.remove("muted");
+  if (!answer.tile) {
+    box.textContent = `(${x}, ${y}): no tile here`;
+    return;
+  }
+  const lines = [`(${x}, ${y})`, `attention ${formatNumber(answer.attention)}, rank ${answer.rank}`];
+  for (const [name, score] of Object.entries(answer.scores || {})) lines.push(`${name}: ${formatNumber(score)}`);
+  box.textContent = lines.join("\n");
+}
+
+new OSD.MouseTracker({
+  element: viewer.canvas,
+  moveHandler: (event) => pointerMoved(event.position),
+});
+
+// -- jobs ------------------------------------------------------------------------------------------
+function stopFollowing() {
+  state.followSeq += 1;
+  if (state.eventSource) state.eventSource.close();
+  state.eventSource = null;
+}
+
+function showProgress(job) {
+  const bar = $("progress");
+  const running = job.state === "queued" || job.state === "running";
+  bar.hidden = !running && job.state !== "done";
+  bar.max = Math.max(job.total || 0, 1);
+  bar.value = job.state === "done" ? bar.max : Math.min(job.done || 0, bar.max);
+  const stage = job.stage ? ` · ${job.stage}` : "";
+  const count = job.total ? ` ${job.done || 0}/${job.total}` : "";
+  $("progress-text").textContent = `${job.state}${stage}${running ? count : ""}`;
+  $("cancel").hidden = !running;
+  if (job.state === "failed" && job.error) showError(`failed (code ${job.error.code}): ${job.error.line}`);
+}
+
+function follow(job) {
+  stopFollowing();
+  const seq = state.followSeq;
+  const live = () => seq === state.followSeq;
+  // EventSource cannot send headers: with a token, poll the job with the bearer header instead.
+  if (!state.token && window.EventSource && job.urls && job.urls.events) {
+    const source = new EventSource(resolve(job.urls.events));
+    state.eventSource = source;
+    let finished = false;
+    const end = () => {
+      finished = true;
+      source.close();
+    };
+    source.addEventListener("progress", (event) => live() && showProgress(JSON.parse(event.data)));
+    source.addEventListener("result", (event) => {
+      end();
+      if (live()) finish(job.id, JSON.parse(event.data)).catch(showError);
+    });
+    for (const kind of ["failed", "cancelled"]) {
+      source.addEventListener(kind, (event) => {
+        end();
+        if (live()) {
+          state.job = JSON.parse(event.data);
+          showProgress(state.job);
+        }
+      });
+    }
+    source.onerror = () => {
+      if (finished || !live()) return;
+      end();
+      poll(job.id, seq); // the stream broke: fall back to polling
+    };
+    return;
+  }
+  poll(job.id, seq);
+}
+
+async function poll(id, seq) {
+  while (seq === state.followSeq) {
+    let job;
+    try {
+      job = await api(`jobs/${encodeURIComponent(id)}`);
+    } catch (error) {
+      showError(error);
+      return;
+    }
+    if (seq !== state.followSeq) return;
+    state.job = job;
+    showProgress(job);
+    if (job.state === "done") {
+      await finish(id, null);
+      return;
+    }
+    if (job.state === "failed" || job.state === "cancelled") return;
+    await new Promise((wake) => setTimeout(wake, POLL_MS));
+  }
+}
+
+async function finish(id, result) {
+  const job = await api(`jobs/${encodeURIComponent(id)}`); // fresh URLs and class list
+  state.job = job;
+  showProgress(job);
+  await showResult(result);
+}
+
+async function showResult(result) {
+  const job = state.job;
+  if (!result) result = await api(job.urls.result);
+  if (state.job !== job) return;
+  state.result = result;
+  renderPrediction(result);
+  fillClasses(job.classes);
+  $("overlay-toggle").disabled = false;
+  await openSlide(job.urls.slide_dzi);
+  if (state.job !== job) return;
+  if (!state.overlayItem) addOverlay();
+  await loadTopk();
+}
+
+function clearJobView() {
+  stopFollowing();
+  state.job = null;
+  state.result = null;
+  removeOverlay();
+  if (state.marker) viewer.removeOverlay(state.marker);
+  state.marker = null;
+  renderPrediction(null);
+  $("topk").replaceChildren();
+  $("pointer-attention").textContent = "-";
+  $("pointer-attention").classList.add("muted");
+  $("overlay-toggle").disabled = true;
+  $("class-select").replaceChildren();
+  $("class-select").disabled = true;
+  $("progress").hidden = true;
+  $("progress-text").textContent = "";
+  $("cancel").hidden = true;
+  showError(null);
+}
+
+async function showJob(job) {
+  clearJobView();
+  state.job = job;
+  if (state.slides.some((s) => s.path === job.slide)) $("slide-picker").value = job.slide;
+  if (state.models.some((m) => m.id === job.model)) $("model-picker").value = job.model;
+  showProgress(job);
+  if (job.urls && job.urls.slide_dzi) await openSlide(job.urls.slide_dzi);
+  if (state.job !== job) return;
+  if (job.state === "done") await showResult(null);
+  else if (job.state === "queued" || job.state === "running") follow(job);
+}
+
+async function openJob(id) {
+  try {
+    await showJob(await api(`jobs/${encodeURIComponent(id)}`));
+  } catch (error) {
+    showError(error);
+  }
+}
+
+async function runJob() {
+  const slide = $("slide-picker").value;
+  const model = $("model-picker").value;
+  if (!slide || !model) {
+    showError("pick a slide and a model first");
+    return;
+  }
+  $("run").disabled = true;
+  try {
+    const job = await api("jobs", { method: "POST", body: { slide, model } });
+    history.pushState(null, "", `?job=${encodeURIComponent(job.id)}`);
+    await showJob(job);
+  } catch (error) {
+    showError(error);
+  } finally {
+    $("run").disabled = false;
+  }
+}
+
+async function cancelJob() {
+  if (!state.job) return;
+  const job = state.job;
+  stopFollowing();
+  try {
+    await api(jobPath(), { method: "DELETE" });
+    showProgress({ ...job, state: "cancelled", stage: null });
+  } catch (error) {
+    showError(error);
+  }
+}
+
+$("run").addEventListener("click", runJob);
+$("cancel").addEventListener("click", cancelJob);
+
+$("slide-picker").addEventListener("change", () => {
+  const slide = state.slides.find((s) => s.path === $("slide-picker").value);
+  if (!slide) return;
+  clearJobView();
+  history.pushState(null, "", location.pathname);
+  openSlide(slide.dzi).catch(showError);
+});
+
+window.addEventListener("popstate", () => start());
+
+// -- start -----------------------------------------------------------------------------------------
+function fillPickers() {
+  const slides = $("slide-picker");
+  slides.replaceChildren();
+  for (const slide of state.slides) {
+    const label = slide.width ? `${slide.path} (${slide.width} x ${slide.height})` : slide.path;
+    slides.append(new Option(label, slide.path));
+  }
+  const models = $("model-picker");
+  models.replaceChildren();
+  for (const model of state.models) {
+    const classes = (model.class_names || []).join(", ");
+    models.append(new Option(classes ? `${model.name} (${classes})` : model.name, model.id));
+  }
+  $("run").disabled = state.slides.length === 0 || state.models.length === 0;
+}
+
+async function start() {
+  showError(null);
+  const [slides, models] = await Promise.allSettled([api("slides"), api("models")]);
+  if (slides.status === "rejected" && slides.reason.status === 401) return; // the token form is up
+  state.slides = slides.status === "fulfilled" ? slides.value : [];
+  state.models = models.status === "fulfilled" ? models.value : [];
+  fillPickers();
+  for (const answer of [slides, models]) if (answer.status === "rejected") showError(answer.reason);
+  const id = new URLSearchParams(location.search).get("job");
+  if (id) {
+    await openJob(id);
+  } else {
+    clearJobView();
+    if (state.slides.length) await openSlide(state.slides[0].dzi).catch(showError);
+  }
+}
+
+$("token-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const token = $("token").value.trim();
+  if (!token) return;
+  state.token = token;
+  sessionStorage.setItem(TOKEN_KEY, token);
+  $("token").value = "";
+  $("token-form").hidden = true;
+  start();
+});
+
+// For tests and for embedding pages: the viewer and the page state (read-only use).
+window.milkit = {
+  viewer,
+  state,
+  // true once the slide (and the overlay, when there is one) has drawn every tile the view needs
+  drawn() {
+    const items = [state.slideItem, state.overlayItem].filter((item) => item && item.getOpacity() > 0);
+    const still = viewer.viewport.getZoom(true) === viewer.viewport.getZoom(false) &&
+      viewer.viewport.getCenter(true).equals(viewer.viewport.getCenter(false));
+    return items.length > 0 && items.every((item) => item.getFullyLoaded()) && still && !viewer.world.needsDraw();
+  },
+};
+
+start();
