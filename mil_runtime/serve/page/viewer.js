@@ -190,12 +190,15 @@ $("opacity").addEventListener("input", () => {
 $("overlay-toggle").addEventListener("change", () => {
   if (state.overlayItem) state.overlayItem.setOpacity(overlayOpacity());
 });
-$("class-select").addEventListener("change", addOverlay);
+$("class-select").addEventListener("change", () => {
+  addOverlay();
+  loadTopk().catch(showError); // the top tiles of the chosen class's map
+});
 $("norm-select").addEventListener("change", addOverlay);
 
-function fillClasses(classes) {
+function fillClasses(classes, preferred) {
   const select = $("class-select");
-  const previous = select.value;
+  const previous = select.value || preferred;
   select.replaceChildren();
   if (!classes || classes.length === 0) {
     select.append(new Option("attention (one map)", ""));
@@ -241,7 +244,7 @@ async function loadTopk() {
   const list = $("topk");
   list.replaceChildren();
   const job = state.job;
-  const tiles = await api(jobPath(`/top?k=${TOP_K}`));
+  const tiles = await api(withQuery(jobPath("/top"), { k: TOP_K, class: $("class-select").value }));
   if (state.job !== job) return;
   for (const tile of tiles) {
     const item = document.createElement("li");
@@ -328,7 +331,7 @@ async function queryAt(position) {
     return;
   }
   const seq = ++pointer.seq;
-  const answer = await api(jobPath(`/at?x=${x}&y=${y}`));
+  const answer = await api(withQuery(jobPath("/at"), { x, y, class: $("class-select").value }));
   if (seq !== pointer.seq || state.job !== job) return;
   box.classList.remove("muted");
   if (!answer.tile) {
@@ -436,7 +439,7 @@ async function showResult(result) {
   if (state.job !== job) return;
   state.result = result;
   renderPrediction(result);
-  fillClasses(job.classes);
+  fillClasses(job.classes, result.prediction ? result.prediction.class_name : null); // predicted class first
   $("overlay-toggle").disabled = false;
   await openSlide(job.urls.slide_dzi);
   if (state.job !== job) return;
