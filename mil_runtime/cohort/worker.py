@@ -2,7 +2,8 @@
 
 For each item (`SlideWorker.process`):
 1. the run key this run would record is computed without opening the slide (`expected_run_key`);
-2. a complete set (`read_output_set`, hashes checked) with that run key is skipped;
+2. a complete set (`read_output_set`: files unchanged since hashed, or hashed again; all hashed under
+   --verify) with that run key is skipped;
 3. otherwise the stem is claimed (`<stem>.lock`, mil_runtime.claims) and checked again under the claim
    (another process may have finished it meanwhile: a slide is never processed twice); a live claim
    elsewhere gives "busy" (that process does it);
@@ -210,7 +211,7 @@ class SlideWorker:
     def _complete(self, item: CohortItem, key: str):
         from mil_runtime.outputs.record import read_output_set
 
-        found = read_output_set(item.out_dir, item.stem)
+        found = read_output_set(item.out_dir, item.stem, trust_stat=not self.job.verify)  # --verify: hash every file
         return found if found.complete and found.run_key == key else None
 
     def process(self, item: CohortItem, *, rerun: bool = False) -> ItemResult:
