@@ -9,8 +9,13 @@ from tensordict import TensorDict
 
 
 def _pad(values: Sequence[torch.Tensor], n_max: int, fill) -> torch.Tensor:
-    """Stack (N_b, ...) tensors into (B, n_max, ...), filling the tail of each bag with `fill`."""
+    """Stack (N_b, ...) tensors into (B, n_max, ...), filling the tail of each bag with `fill`.
+
+    One bag needs no padding: it is returned as a (1, N, ...) view of the bag, not a copy (the bag's
+    features are the largest tensor of a step, and copying them cost 8 % of an ABMIL epoch)."""
     first = values[0]
+    if len(values) == 1 and first.shape[0] == n_max:
+        return first.unsqueeze(0)
     out = torch.full((len(values), n_max, *first.shape[1:]), fill, dtype=first.dtype, device=first.device)
     for b, value in enumerate(values):
         out[b, : value.shape[0]] = value

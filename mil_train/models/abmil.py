@@ -61,6 +61,6 @@ class ABMIL(MILModel):
         coords: torch.Tensor | None = None,
     ) -> MILOutput:
         H = self.embed(X)  # (batch, bag, dim)
-        pooled, attention = self.pool(H, mask)  # (batch, dim), (batch, bag)
-        logits = self.classifier(pooled)  # (batch, n_classes)
+        # classifier(pool(H)), computed as a pool of classifier(H): the bag is read once each way
+        logits, attention = self.pool.pool_linear(H, mask, self.classifier)  # (batch, n_classes), (batch, bag)
         return MILOutput(logits=logits, attention=attention)

@@ -82,3 +82,13 @@ def test_vector_labels_and_refusals():
         collate([make_bag(torch.zeros(2, 3), 1.0), make_bag(torch.zeros(2, 4), 0.0)])
     with pytest.raises(ValueError, match="no bags"):
         collate([])
+
+
+def test_a_one_bag_batch_is_a_view_of_the_bag_not_a_copy():
+    bag = make_bag(torch.randn(7, 3), torch.tensor(1.0), coords=torch.arange(14).reshape(7, 2))
+    batch = collate([bag])
+    assert batch["X"].shape == (1, 7, 3) and batch["X"].data_ptr() == bag["X"].data_ptr()
+    assert batch["coords"].data_ptr() == bag["coords"].data_ptr()
+    assert batch["mask"].all() and torch.equal(batch["X"][0], bag["X"])
+    two = collate([bag, make_bag(torch.randn(4, 3), torch.tensor(0.0), coords=torch.zeros(4, 2, dtype=torch.long))])
+    assert two["X"].data_ptr() != bag["X"].data_ptr() and torch.equal(two["X"][0], bag["X"])  # padded: a copy
