@@ -24,9 +24,9 @@ validating every epoch and keeping the best weights by validation accuracy:
                (`logit_accuracy`: on raw logits it reads a logit in [0, 1] as a probability)
   milkit       mil_train.trainer.Trainer(model, optimizer=..., epochs=..., monitor="val_accuracy",
                progress=False).fit(train, val), with mil_train.data.collate
-  milkit_bf16  the same, with the model's compute_loss run under torch.autocast(bfloat16) (logits and loss
-               terms returned as float32): what a Trainer mixed-precision option would do; CPUs with
-               AVX512_BF16 / AMX run bf16 GEMMs faster, the others may be slower
+  milkit_bf16  the same with Trainer(precision="bf16"): forward and loss under torch.autocast(bfloat16),
+               parameters, gradients and loss float32; CPUs with AVX512_BF16 / AMX run bf16 GEMMs faster,
+               the others may be slower
   floor        the milkit model in a bare loop (zero_grad, compute_loss, backward, step; then a no-grad pass
                over the validation bags, keeping the best state), no Trainer: the Trainer's own cost is the
                difference between milkit and floor
@@ -254,26 +254,17 @@ def run_variant(args) -> dict[str, Any]:
         from mil_train.trainer import Trainer
 
         model = model.to(device)
-        if args.variant == "milkit_bf16":  # what a Trainer precision="bf16" option would do (see the docstring)
-            fp32_compute_loss = model.compute_loss
-
-            def bf16_compute_loss(batch):
-                with torch.autocast(device.type, dtype=torch.bfloat16):
-                    logits_b, terms = fp32_compute_loss(batch)
-                return logits_b.float(), {name: value.float() for name, value in terms.items()}
-
-            model.compute_loss = bf16_compute_loss
-        warm_up(model, collate([train_m[smallest]]).to(device), lambda m, b: m.compute_loss(b))
+        precision = "bf16" if args.variant == "milkit_bf16" else "fp32"
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            warm_up(model, collate([train_m[smallest]]).to(device), lambda m, b: m.compute_loss(b))
         trainer = Trainer(model, optimizer=optimiser, epochs=args.epochs, monitor="val_accuracy", mode="max",
-                          device=device, seed=SEED, progress=False)
+                          device=device, seed=SEED, progress=False, precision=precision)
         train_loader, val_loader = loader(train_m, "milkit", True), loader(val_m, "milkit", False)
         sync(device)
         start = time.perf_counter()
         trainer.fit(train_loader, val_loader)
         sync(device)
         wall = time.perf_counter() - start
-        if args.variant == "milkit_bf16":
-            del model.compute_loss  # back to the class's method for the fp32 accuracy check
         accuracy, logits = accuracy_and_logits("milkit", trainer.model, val_m, device)
     elif args.variant == "milkit_ddp2":
         return run_ddp_rank(args, model, train_m, val_m)
@@ -429,7 +420,7 @@ def markdown(args, info: str, results: dict, total_s: float) -> str:
         "batch 1. Cells: fit wall s (training bags/s = epochs x training bags / fit wall, validation every "
         "epoch included).",
         "",
-        "| model | (a) torchmil Trainer | (b) milkit Trainer | (c) milkit Trainer, bf16 autocast | (d) bare loop "
+        "| model | (a) torchmil Trainer | (b) milkit Trainer | (c) milkit Trainer, precision=bf16 | (d) bare loop "
         f"| (e) milkit Trainer, {DDP_PROCESSES} processes | (b)/(a) | (c)/(a) | (b) over (d) | (e)/(b) "
         "| val accuracy (a) / (b) / (c) / (e) | max logit diff (a)-(b) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",

@@ -205,7 +205,7 @@ def train(
     lr: float = 1e-4, weight_decay: float = 0.0, batch_size: int = 1, val_fraction: float = 0.2,
     patience: int | None = None, seed: int = 0, log: Path | None = None, class_names: str | None = None,
     labels_csv: Path | None = None, device: str = "cpu", progress: bool = True, loss_weights: tuple[str, ...] = (),
-    allow_one_class: bool = False,
+    allow_one_class: bool = False, precision: str = "fp32",
 ) -> dict[str, Any]:
     """What `mil-train` does; returns the best epoch's logged row.
 
@@ -221,7 +221,7 @@ def train(
             model_name, data, output, model_args=model_args, epochs=epochs, lr=lr, weight_decay=weight_decay,
             batch_size=batch_size, val_fraction=val_fraction, patience=patience, seed=seed, log=log,
             class_names=class_names, labels_csv=labels_csv, device=device, progress=progress,
-            loss_weights=loss_weights, allow_one_class=allow_one_class,
+            loss_weights=loss_weights, allow_one_class=allow_one_class, precision=precision,
         )
     finally:
         if joined:
@@ -232,7 +232,7 @@ def _train(
     model_name: str, data: Path, output: Path, *, model_args: tuple[str, ...], epochs: int, lr: float,
     weight_decay: float, batch_size: int, val_fraction: float, patience: int | None, seed: int, log: Path | None,
     class_names: str | None, labels_csv: Path | None, device: str, progress: bool, loss_weights: tuple[str, ...],
-    allow_one_class: bool,
+    allow_one_class: bool, precision: str = "fp32",
 ) -> dict[str, Any]:
     from mil_train import distributed
     from mil_train.feature_stats import compute_feature_stats
@@ -247,6 +247,8 @@ def _train(
         raise OutputError(f"the folder of {output} does not exist; create it first")
     if not 0 <= val_fraction < 1:
         raise InvalidInputError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if precision == "fp16" and not device.startswith("cuda"):
+        raise InvalidInputError(f"--precision fp16 needs --device cuda (got --device {device}); on the CPU use bf16")
     kwargs = parse_model_args(model_args)
     weights = parse_loss_weights(loss_weights)
     bags, names_from_data = load_bags(data, labels_csv)
@@ -282,6 +284,7 @@ def _train(
     provenance = {
         "data": str(data), "n_bags": len(bags), "n_train": len(train_idx), "n_val": len(val_idx),
         "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "loss_weights": weights,
+        "precision": precision,
         "command": os.environ.get(COMMAND_ENV) or " ".join(sys.argv),
     }
     rank, world = distributed.rank(), distributed.world_size()
@@ -298,7 +301,7 @@ def _train(
     trainer = Trainer(
         model, lr=lr, weight_decay=weight_decay, epochs=epochs, patience=patience, seed=seed, device=device,
         progress=progress, log_csv=log, checkpoint_path=output, class_names=names, provenance=provenance,
-        loss_weights=weights, feature_stats=feature_stats,
+        loss_weights=weights, feature_stats=feature_stats, precision=precision,
     )
     try:
         trainer.fit(
@@ -401,12 +404,15 @@ def launch(nproc: int, device: str, raw_args: list[str]) -> int:
 @click.option("--class-names", help="comma-separated names, in class-index order")
 @click.option("--labels", "labels_csv", type=click.Path(path_type=Path), help="slide_id,label table for a .h5 folder")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="bf16: matrix products in bfloat16 under autocast (CPU or CUDA; fast on CPUs with AVX512_BF16 "
+                   "or AMX); fp16: CUDA only, with loss scaling. Parameters and checkpoints stay float32")
 @click.option("--allow-one-class", is_flag=True, help="train even when every bag has the same label (refused otherwise)")
 @click.option("--nproc", default=1, show_default=True, type=click.IntRange(min=1),
               help="processes on this machine, data-parallel (gloo on CPU; NCCL and one GPU each with --device cuda); "
                    "under torchrun leave it out")
 def main(model, data, output, model_args, loss_weights, epochs, lr, weight_decay, batch_size, val_fraction, patience,
-         seed, log, class_names, labels_csv, device, allow_one_class, nproc) -> None:
+         seed, log, class_names, labels_csv, device, precision, allow_one_class, nproc) -> None:
     """Train MODEL (a registered name, e.g. ABMIL) on DATA and save the best checkpoint to -o."""
     from mil_runtime.errors import DeviceError
     from mil_train.distributed import env_rank, env_world_size
@@ -423,7 +429,7 @@ def main(model, data, output, model_args, loss_weights, epochs, lr, weight_decay
             model, data, output, model_args=model_args, epochs=epochs, lr=lr, weight_decay=weight_decay,
             batch_size=batch_size, val_fraction=val_fraction, patience=patience, seed=seed, log=log,
             class_names=class_names, labels_csv=labels_csv, device=device, progress=sys.stderr.isatty(),
-            loss_weights=loss_weights, allow_one_class=allow_one_class,
+            loss_weights=loss_weights, allow_one_class=allow_one_class, precision=precision,
         )
     except MilkitError as exc:
         # Every rank meets the same data and settings, so rank 0 speaks for all; a device is each rank's own.

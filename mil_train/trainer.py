@@ -10,6 +10,9 @@ epochs without improvement, and finally restores the best weights.
     history = trainer.fit(make_loader(train_bags, batch_size=1, shuffle=True), make_loader(val_bags))
     print(trainer.evaluate(make_loader(test_bags)))
 
+`precision="bf16"` runs the forward and the loss under bfloat16 autocast (CPU or CUDA; "fp16" on CUDA,
+with a GradScaler); parameters, gradients, the loss and the checkpoint stay float32.
+
 Under torchrun (a process group set up by `mil_train.distributed.init_from_env`), the Trainer trains
 data-parallel: give each rank a loader over its own share of the bags
 (`mil_train.distributed.balanced_shards`); see mil_train/distributed.py for what the run does.
@@ -106,6 +109,9 @@ def _monitor_mode(monitor: str, mode: str | None) -> str:
     return "min" if monitor.endswith("loss") else "max"
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class Trainer:
     """Trains a `MILModel`; see the module docstring.
 
@@ -132,6 +138,9 @@ class Trainer:
         feature_stats: the training features' statistics (mil_train.feature_stats.compute_feature_stats),
             stored in the checkpoint; mil-export puts them in the model for the out-of-domain check.
         grad_clip: max gradient norm, or None.
+        precision: "fp32" (default), "bf16" (autocast to bfloat16 on the CPU or a CUDA device: the matrix
+            products run in bf16, the parameters, their gradients and the loss stay float32; fast on CPUs
+            with AVX512_BF16 or AMX, slow on others) or "fp16" (CUDA only, autocast with a GradScaler).
         distributed: train data-parallel over the initialised process group (DDP, `Join` for uneven
             shares, metrics reduced over ranks, only rank 0 writes the log and checkpoints); None
             (default) does so whenever a process group of more than one rank is initialised.
@@ -161,7 +170,12 @@ class Trainer:
         grad_clip: float | None = None,
         feature_stats: dict[str, Any] | None = None,
         distributed: bool | None = None,
+        precision: str = "fp32",
     ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if precision == "fp16" and torch.device(device).type != "cuda":
+            raise ValueError("precision='fp16' needs a CUDA device; on the CPU use 'bf16'")
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
         if patience is not None and patience < 1:
@@ -192,6 +206,9 @@ class Trainer:
         self.provenance = dict(provenance or {})
         self.feature_stats = feature_stats
         self.grad_clip = grad_clip
+        self.precision = precision
+        # fp16's narrow range needs the loss scaled; bf16 has float32's range and needs none
+        self._scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         self.history: list[dict[str, float]] = []
         self.best_epoch: int | None = None
         self.best_value: float | None = None
@@ -223,6 +240,27 @@ class Trainer:
 
     # -- one step, one pass -----------------------------------------------------------------------
 
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """The forward and the loss under the chosen precision (backward and the step run outside)."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
+
+    def _backward_and_step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self._scaler is None:
+            loss.backward()
+        else:
+            self._scaler.scale(loss).backward()
+            self._scaler.unscale_(self.optimizer)  # grad_clip sees the true gradients
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if self._scaler is None:
+            self.optimizer.step()
+        else:
+            self._scaler.step(self.optimizer)  # skipped when the scaled gradients overflowed
+            self._scaler.update()
+
     def _to_device(self, batch: Any) -> Any:
         return batch.to(self.device) if hasattr(batch, "to") else batch
 
@@ -251,7 +289,9 @@ class Trainer:
         with self._join():
             for batch in loader:
                 batch = self._to_device(batch)
-                _, terms = step(batch)
+                with self._autocast():
+                    _, terms = step(batch)
+                terms = {name: value.float() for name, value in terms.items()}
                 if check_weight_names and n_bags == 0:  # the first batch shows which terms the model returns
                     self._check_weight_names(terms)
                 loss = self._weighted_loss(terms)
@@ -259,11 +299,7 @@ class Trainer:
                     raise FloatingPointError(
                         f"training loss became {loss.item()}; lower the learning rate or set grad_clip"
                     )
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-                self.optimizer.step()
+                self._backward_and_step(loss)
                 size = int(batch["X"].shape[0])
                 n_bags += size
                 for name, value in {"loss": loss, **terms}.items():
@@ -299,7 +335,10 @@ class Trainer:
                     for i in range(out.attention.shape[0]):
                         row = out.attention[i]  # (bag,)
                         attention.append((row[mask[i]] if mask is not None else row).cpu())
-                batch_logits, terms = self.model.compute_loss(batch)
+                with self._autocast():
+                    batch_logits, terms = self.model.compute_loss(batch)
+                batch_logits = batch_logits.float()
+                terms = {name: value.float() for name, value in terms.items()}
                 size = int(batch_logits.shape[0])
                 n_bags += size
                 for name, value in {"loss": self._weighted_loss(terms), **terms}.items():

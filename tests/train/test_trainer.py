@@ -211,3 +211,30 @@ def test_bad_settings_are_refused():
         Trainer(new_model(), epochs=0, progress=False)
     with pytest.raises(ValueError, match="mode"):
         Trainer(new_model(), mode="up", progress=False)
+
+
+def test_bf16_runs_the_products_in_bf16_keeps_float32_weights_and_learns_the_same(data):
+    train, val = data
+    seen = []
+    results = {}
+    for precision in ("fp32", "bf16"):
+        model = new_model()
+        hook = model.embed.register_forward_hook(lambda module, args, out: seen.append((precision, out.dtype)))
+        trainer = Trainer(model, lr=1e-2, epochs=15, progress=False, precision=precision)
+        history = trainer.fit(loader(train, shuffle=True), loader(val))
+        hook.remove()
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert all(math.isfinite(row["train_loss"]) for row in history)
+        results[precision] = (history, trainer.evaluate(loader(val)))
+    assert {dtype for precision, dtype in seen if precision == "fp32"} == {torch.float32}
+    assert {dtype for precision, dtype in seen if precision == "bf16"} == {torch.bfloat16}
+    (fp32_history, fp32_eval), (bf16_history, bf16_eval) = results["fp32"], results["bf16"]
+    assert bf16_eval["accuracy"] >= 0.9 and bf16_eval["accuracy"] == fp32_eval["accuracy"]
+    assert bf16_history[0]["train_loss"] == pytest.approx(fp32_history[0]["train_loss"], rel=0.05)
+
+
+def test_fp16_needs_cuda_and_unknown_precisions_are_refused():
+    with pytest.raises(ValueError, match="CUDA"):
+        Trainer(new_model(), precision="fp16", progress=False)
+    with pytest.raises(ValueError, match="precision"):
+        Trainer(new_model(), precision="int8", progress=False)
