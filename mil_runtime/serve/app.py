@@ -7,6 +7,7 @@ import json
 import re
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Literal
@@ -345,7 +346,8 @@ def build_router(service: Service) -> APIRouter:
                 "attention": float(values[i]), "rank": rank, "scores": scores, "attention_by_class": by_class}
 
     @api.post("/jobs/{job_id}/reaggregate")
-    def reaggregate(job_id: str, body: RegionRequest) -> dict[str, Any]:
+    def reaggregate(job_id: str, body: RegionRequest) -> JSONResponse:
+        started = time.perf_counter()
         handle = service.done_handle(job_id)
         if (body.include is None) == (body.exclude is None):
             raise ApiError(400, 'give exactly one of "include" or "exclude" (a GeoJSON region)', 6)
@@ -359,7 +361,9 @@ def build_router(service: Service) -> APIRouter:
         model = service.models.get(handle.model) or _model_by_sha(service, data)
         features = data.features()
         prediction = model.runner.predict(features[keep], coords=data.grid_yx[keep], source=f"job {job_id}")
-        return prediction_body(prediction, data.xy[keep], int(keep.sum()))
+        answer = prediction_body(prediction, data.xy[keep], int(keep.sum()))
+        took = (time.perf_counter() - started) * 1000
+        return JSONResponse(answer, headers={"Server-Timing": f"reaggregate;dur={took:.2f}"})
 
     @api.post("/predict")
     def predict(file: UploadFile = File(...), model: str = Form(..., max_length=200)) -> dict[str, Any]:
@@ -531,7 +535,7 @@ class UploadLimit:
 def create_app(models: list[Path], slides_root: Path | None, *, state_dir: Path, results_dir: Path | None = None,
                token_file: Path | None = None, cors_origins: list[str] | tuple[str, ...] = (), max_jobs: int = 8,
                workers: int = 1, encoder_paths: dict | None = None, tile_cache_mb: float = 64,
-               max_upload_mb: float = 512, device: str = "auto") -> FastAPI:
+               max_upload_mb: float = 512, device: str = "auto", overlay_cache_mb: float = 32) -> FastAPI:
     """The mil-serve ASGI app: the /v1 API, its OpenAPI at /v1/openapi.json, and the page at /.
 
     `models`: .onnx MIL models (each loaded once; its encoder found next to it, or in `encoder_paths`
@@ -560,7 +564,7 @@ def create_app(models: list[Path], slides_root: Path | None, *, state_dir: Path,
     store = Store(Path(state_dir))
     jobs = JobManager(store, entries, max_jobs=max_jobs, workers=workers)
     service = Service(models=entries, slides_root=root, jobs=jobs, auth=auth, tiles=SlideTiles(tile_cache_mb),
-                      max_upload_bytes=int(max_upload_mb * 2**20))
+                      overlay_cache_mb=overlay_cache_mb, max_upload_bytes=int(max_upload_mb * 2**20))
     if results_dir is not None:
         add_results(service, Path(results_dir))
 
