@@ -125,6 +125,7 @@ def test_model_arg_parsing():
          "given twice"),
         (["ABMIL", "{data}", "--loss-weight", "clss=0.5"], InvalidInputError.exit_code,
          "--loss-weight names clss, which ABMIL does not compute; its loss terms are cls"),
+        (["ABMIL", "{data}", "--precision", "fp16"], InvalidInputError.exit_code, "--precision fp16 needs --device cuda"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_code(tmp_path, args, code, message):
