@@ -19,7 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
 from mil_runtime.errors import InvalidInputError, MilkitError
-from mil_runtime.serve.auth import Auth
+from mil_runtime.serve.auth import Auth, route_path
 from mil_runtime.serve.errors import ApiError
 from mil_runtime.serve.jobs import ACTIVE, CANCELLED, DONE, FAILED, GEOJSON_FRAME, Handle, JobData, JobManager
 from mil_runtime.serve.overlay import AttentionRaster, Colouring, legend_png
@@ -71,7 +71,8 @@ class Service:
             return None
         return rel
 
-    def job_object(self, handle: Handle) -> dict[str, Any]:
+    def job_object(self, handle: Handle, root: str = "") -> dict[str, Any]:
+        """The job as the API shows it; `root`: the app's mount prefix (ASGI root_path), put before its URLs."""
         comp = handle.comp
         state = handle.state
         base = f"/v1/jobs/{handle.id}"
@@ -83,11 +84,12 @@ class Service:
             except (OSError, ValueError):
                 classes = []
         urls = {
-            "slide_dzi": self.auth.sign(f"/v1/slides/{rel}", ".dzi") if rel else None,
-            "heatmap_dzi": self.auth.sign(f"{base}/heatmap", ".dzi"),
-            "legend": self.auth.sign(f"{base}/legend", ".png"),
-            "result": f"{base}/result", "geojson": f"{base}/geojson", "csv": f"{base}/csv",
-            "features": f"{base}/features.h5", "events": f"{base}/events", "view": f"{base}/view",
+            "slide_dzi": self.auth.sign(f"/v1/slides/{rel}", ".dzi", root=root) if rel else None,
+            "heatmap_dzi": self.auth.sign(f"{base}/heatmap", ".dzi", root=root),
+            "legend": self.auth.sign(f"{base}/legend", ".png", root=root),
+            **{key: f"{root}{base}/{name}" for key, name in (
+                ("result", "result"), ("geojson", "geojson"), ("csv", "csv"), ("features", "features.h5"),
+                ("events", "events"), ("view", "view"))},
         }
         return {"id": handle.id, "state": state, "stage": comp.stage if state != CANCELLED else "cancelled",
                 "done": comp.done, "total": comp.total, "slide": handle.slide, "model": handle.model,
@@ -139,7 +141,7 @@ class Service:
                 self._rasters.popitem(last=False)
         return entry
 
-    def slide_info(self, rel: str, path: Path) -> dict[str, Any]:
+    def slide_info(self, rel: str, path: Path, root: str = "") -> dict[str, Any]:
         from mil_runtime.slide.mpp import resolve_mpp
 
         stat = path.stat()
@@ -157,7 +159,12 @@ class Service:
                 width = height = mpp = None
             info = {"path": rel, "width": width, "height": height, "mpp": mpp}
             self._slide_info[key] = info
-        return {**info, "dzi": self.auth.sign(f"/v1/slides/{rel}", ".dzi") if info["width"] else None}
+        return {**info, "dzi": self.auth.sign(f"/v1/slides/{rel}", ".dzi", root=root) if info["width"] else None}
+
+
+def _root(request: Request) -> str:
+    """The prefix the app is mounted under (ASGI root_path), "" when it is served at /."""
+    return (request.scope.get("root_path") or "").rstrip("/")
 
 
 def _colouring(cls: str | None, norm: str, vmin: float | None, vmax: float | None, cmap: str) -> Colouring:
@@ -177,9 +184,9 @@ def build_router(service: Service) -> APIRouter:
         return [entry.describe() for entry in service.models.values()]
 
     @api.get("/slides")
-    def slides() -> list[dict[str, Any]]:
+    def slides(request: Request) -> list[dict[str, Any]]:
         root = service.slides_root
-        return [service.slide_info(rel, root / rel) for rel in list_slides(root)]
+        return [service.slide_info(rel, root / rel, _root(request)) for rel in list_slides(root)]
 
     @api.get("/slides/{path:path}", responses={200: {"content": {"application/xml": {}, "image/jpeg": {}}}})
     def slide_files(path: str, request: Request) -> Response:
@@ -202,19 +209,20 @@ def build_router(service: Service) -> APIRouter:
         return Response(data, media_type="image/jpeg", headers=headers)
 
     @api.post("/jobs", status_code=202)
-    def submit(body: JobRequest) -> JSONResponse:
+    def submit(body: JobRequest, request: Request) -> JSONResponse:
         slide = resolve_slide(service.slides_root, body.slide)
         handle = service.jobs.submit(body.slide, slide, body.model, body.roi)
-        return JSONResponse(service.job_object(handle), status_code=202,
-                            headers={"Location": f"/v1/jobs/{handle.id}"})
+        root = _root(request)
+        return JSONResponse(service.job_object(handle, root), status_code=202,
+                            headers={"Location": f"{root}/v1/jobs/{handle.id}"})
 
     @api.get("/jobs")
-    def list_jobs() -> list[dict[str, Any]]:
-        return [service.job_object(h) for h in list(service.jobs.handles.values())]
+    def list_jobs(request: Request) -> list[dict[str, Any]]:
+        return [service.job_object(h, _root(request)) for h in list(service.jobs.handles.values())]
 
     @api.get("/jobs/{job_id}")
-    def job(job_id: str) -> dict[str, Any]:
-        return service.job_object(service.jobs.get(job_id))
+    def job(job_id: str, request: Request) -> dict[str, Any]:
+        return service.job_object(service.jobs.get(job_id), _root(request))
 
     @api.delete("/jobs/{job_id}", status_code=204)
     def cancel(job_id: str) -> Response:
@@ -222,18 +230,21 @@ def build_router(service: Service) -> APIRouter:
         return Response(status_code=204)
 
     @api.get("/jobs/{job_id}/view", status_code=303)
-    def view(job_id: str) -> RedirectResponse:
-        return RedirectResponse(f"/?job={job_id}", status_code=303)
+    def view(job_id: str, request: Request) -> RedirectResponse:
+        from urllib.parse import quote
+
+        return RedirectResponse(f"{_root(request)}/?job={quote(job_id, safe='')}", status_code=303)
 
     @api.get("/jobs/{job_id}/events", responses={200: {"content": {"text/event-stream": {}}}})
-    async def events(job_id: str) -> StreamingResponse:
+    async def events(job_id: str, request: Request) -> StreamingResponse:
         handle = service.jobs.get(job_id)
+        root = _root(request)
 
         async def stream():
             last = None
             waited = 0.0
             while waited < SSE_MAX_S:
-                obj = service.job_object(handle)
+                obj = service.job_object(handle, root)
                 text = json.dumps(obj, separators=(",", ":"))
                 if text != last:
                     yield f"event: progress\ndata: {text}\n\n"
@@ -506,7 +517,7 @@ class UploadLimit:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope.get("path", "").startswith("/v1/predict"):
+        if scope["type"] != "http" or not route_path(scope).startswith("/v1/predict"):
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         try:

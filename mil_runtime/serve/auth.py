@@ -28,6 +28,14 @@ _JOB_TILES = re.compile(r"^(/v1/jobs/[^/]+/(?:heatmap|legend))(?:\.dzi|_files/\d
 _OPEN = re.compile(r"^/v1/jobs/[^/]+/view$")
 
 
+def route_path(scope) -> str:
+    """The request's path inside this app: without the prefix a mount (or a proxy's root_path) adds."""
+    path, root = scope.get("path", ""), scope.get("root_path", "") or ""
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    return path
+
+
 def read_token(path: str | Path) -> str:
     try:
         token = Path(path).read_text(encoding="utf-8").strip()
@@ -61,9 +69,11 @@ class Auth:
     def signature(self, prefix: str, exp: int) -> str:
         return hmac.new(self._key, f"{prefix}|{exp}".encode(), hashlib.sha256).hexdigest()
 
-    def sign(self, prefix: str, suffix: str, ttl: int = SIGNED_TTL_S, query: str = "") -> str:
-        """URL of `prefix + suffix` (decoded path; quoted here) with its signature when auth is on."""
-        url = quote(prefix + suffix, safe="/")
+    def sign(self, prefix: str, suffix: str, ttl: int = SIGNED_TTL_S, query: str = "", root: str = "") -> str:
+        """URL of `root + prefix + suffix` (decoded path; quoted here) with its signature when auth is on.
+
+        `root`: where the app is mounted (the ASGI root_path); the signature covers `prefix` only."""
+        url = quote(root + prefix + suffix, safe="/")
         params = [query] if query else []
         if self.enabled:
             exp = int(time.time()) + ttl
@@ -105,7 +115,7 @@ class AuthMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not self.auth.enabled or scope.get("method") == "OPTIONS":
             return await self.app(scope, receive, send)
-        path = scope.get("path", "")
+        path = route_path(scope)
         if not (path == "/v1" or path.startswith("/v1/")) or _OPEN.match(path):
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
