@@ -14,11 +14,20 @@ size. Tokens go to the canvas and back by index gathers; the canvas holds G^2 ce
 
 State dict (same keys as torchmil's PPEG): proj (7 x 7), proj1 (5 x 5), proj2 (3 x 3), each a
 depthwise Conv2d(dim, dim, k, padding=k // 2, groups=dim) with bias.
+
+The three convolutions and the identity run as one: with zero padding, a 5 x 5 (3 x 3) kernel equals the
+7 x 7 kernel that holds it in its centre, and x itself is the 7 x 7 kernel with a 1 in its centre, so
+x + conv7(x) + conv5(x) + conv3(x) = conv(x, w7 + pad(w5) + pad(w3) + delta, b7 + b5 + b3), exactly but for
+float rounding (the reparametrisation RepVGG uses). Autograd hands each kernel its part of the merged
+kernel's gradient. One depthwise pass instead of three: 0.47x the fp32 time forward and backward at
+512 x 55 x 55 here. On the CPU it runs in float32 even under bf16 autocast: the channels-last bf16
+depthwise kernels are 2.6x slower there than float32 (135 against 53 ms, one thread).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -75,7 +84,7 @@ class PPEG(nn.Module):
         grid = grid.reshape(batch, canvas, canvas, dim)  # (batch, G, G, dim)
         grid = torch.where(inside[..., None], grid, torch.zeros_like(grid))  # zeros outside each bag's grid
         grid = grid.permute(0, 3, 1, 2)  # (batch, dim, G, G)
-        encoded = grid + self.proj(grid) + self.proj1(grid) + self.proj2(grid)  # (batch, dim, G, G)
+        encoded = self._merged_convolution(grid)  # (batch, dim, G, G) = grid + conv7 + conv5 + conv3
         encoded = encoded.permute(0, 2, 3, 1).reshape(batch * cells, dim)  # (batch * G^2, dim)
 
         t = torch.arange(cells, device=device)[None, :]  # (1, G^2) token index
@@ -85,3 +94,17 @@ class PPEG(nn.Module):
         out = encoded.index_select(0, (cell_of_token + offsets[:, :, 0]).reshape(-1))  # (batch * G^2, dim)
         out = out.reshape(batch, cells, dim)  # (batch, G^2, dim)
         return torch.where(real[..., None], out, torch.zeros_like(out))
+
+    def merged_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one depthwise 7 x 7 kernel (dim, 1, 7, 7) and bias (dim,) of x + conv7 + conv5 + conv3."""
+        dim = self.proj.weight.shape[0]
+        identity = F.pad(self.proj.weight.new_ones(dim, 1, 1, 1), (3, 3, 3, 3))  # (dim, 1, 7, 7), 1 in the centre
+        kernel = self.proj.weight + F.pad(self.proj1.weight, (1, 1, 1, 1)) + F.pad(self.proj2.weight, (2, 2, 2, 2))
+        return kernel + identity, self.proj.bias + self.proj1.bias + self.proj2.bias
+
+    def _merged_convolution(self, grid: torch.Tensor) -> torch.Tensor:
+        kernel, bias = self.merged_kernel()
+        if grid.device.type == "cpu" and torch.is_autocast_enabled("cpu"):  # see the module docstring
+            with torch.autocast("cpu", enabled=False):
+                return F.conv2d(grid.float(), kernel.float(), bias.float(), padding=3, groups=kernel.shape[0])
+        return F.conv2d(grid, kernel, bias, padding=3, groups=kernel.shape[0])

@@ -52,6 +52,31 @@ def test_matches_torchmil_on_one_bag(side):
             assert (actual[:, side * side :] == 0).all()
 
 
+def test_the_merged_kernel_gives_torchmils_gradients_to_each_of_the_three_kernels():
+    reference, ours = pair(8, seed=3)
+    side = 5
+    tokens = torch.randn(1, side * side, 8, requires_grad=True)
+    cls = torch.zeros(1, 1, 8)
+    expected = reference(torch.cat([cls, tokens], dim=1), side, side)[:, 1:]
+    got = ours(tokens, torch.tensor([side]), side)
+    weights = torch.randn_like(expected)
+    grads_ref = torch.autograd.grad((expected * weights).sum(), [tokens, *reference.parameters()])
+    grads_ours = torch.autograd.grad((got * weights).sum(), [tokens, *ours.parameters()])
+    for ref_grad, our_grad in zip(grads_ref, grads_ours):
+        close(our_grad, ref_grad, "gradient")
+
+
+def test_under_cpu_bf16_autocast_the_convolution_runs_in_float32():
+    reference, ours = pair(8, seed=4)
+    side = 6
+    tokens = torch.randn(1, side * side, 8)
+    expected = ours(tokens, torch.tensor([side]), side)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ours(tokens.bfloat16(), torch.tensor([side]), side)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=0.05, rtol=0.02)  # only the bf16 rounding of the tokens
+
+
 def test_each_bag_of_a_batch_is_on_its_own_grid():
     _, ours = pair(6)
     sides = (5, 1, 3, 8)
