@@ -31,8 +31,10 @@ MODEL = REPO / "models" / "demo" / "abmil_demo.onnx"
 ENCODER = REPO / "models" / "demo" / "tiny_cnn.onnx"
 TOY_CLASSES = ["stroma", "tumor/high grade", "other"]  # a "/" must survive the class= query
 TOKEN = "page-test-token-7d41c09e5b2a"
+MOUNT = "/milkit"
 VENDOR = REPO / "mil_runtime" / "serve" / "page" / "vendor" / "openseadragon" / "openseadragon.min.js"
 SLIDE = "cases/lesions.svs"  # a sub-folder, so that the page handles paths with a slash
+BLANK = "blank.svs"
 HEIGHT, WIDTH = 2048, 3072  # small: the job takes a few seconds on one core
 LESIONS = [(640, 760, 330), (1300, 2260, 380)]  # (cy, cx, r) level-0 px, well apart and inside the slide
 VIEW = {"width": 1300, "height": 800}
@@ -82,10 +84,11 @@ class _Server:
 
 @pytest.fixture(scope="module")
 def truth(tmp_path_factory):
-    from mil_runtime.demo import write_synthetic_slide
+    from mil_runtime.demo import write_blank_slide, write_synthetic_slide
 
     root = tmp_path_factory.mktemp("slides")
     (root / SLIDE).parent.mkdir(parents=True)
+    write_blank_slide(root / BLANK, height=1024, width=1024)  # no tissue: its job fails
     return write_synthetic_slide(root / SLIDE, height=HEIGHT, width=WIDTH, mpp=0.5, lesions=LESIONS,
                                  tissue=0.6, seed=11)
 
@@ -131,6 +134,28 @@ def auth_server(truth, toy_model_file, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def mounted_server(truth, tmp_path_factory):
+    """create_app mounted at /milkit inside another app, as an existing server would embed it."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI
+
+    from mil_runtime.serve import create_app
+
+    inner = create_app([MODEL], truth.path.parents[1], state_dir=tmp_path_factory.mktemp("mounted-state"))
+
+    @asynccontextmanager
+    async def lifespan(outer):
+        async with inner.router.lifespan_context(inner):  # Starlette does not run a mounted app's lifespan
+            yield
+
+    outer = FastAPI(lifespan=lifespan)
+    outer.mount(MOUNT, inner)
+    with _Server(outer) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
 def browser():
     with playwright_sync.sync_playwright() as pw:
         chromium = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
@@ -145,6 +170,13 @@ def _wait_drawn(page, timeout_s: float = 60.0) -> None:
     page.wait_for_function("() => window.milkit && window.milkit.drawn()", timeout=timeout_s * 1000)
     page.wait_for_timeout(300)
     page.wait_for_function("() => window.milkit.drawn()", timeout=timeout_s * 1000)
+
+
+def _wait_job(page, timeout_s: float = 240.0) -> str:
+    """Until the page shows the job finished (done, failed or cancelled); returns #progress-text."""
+    page.wait_for_function("() => /^(done|failed|cancelled)/.test(document.querySelector('#progress-text').textContent)",
+                           timeout=timeout_s * 1000)
+    return page.locator("#progress-text").inner_text()
 
 
 def _shot(page, name: str) -> np.ndarray:
@@ -207,6 +239,7 @@ class _Watched:
         self.outside: list[str] = []  # URLs the page tried to reach elsewhere (blocked)
         self.errors: list[str] = []  # uncaught exceptions in the page
         self.requests: list = []  # every request the pages made (playwright Request objects)
+        self.responses: list[tuple[str, int]] = []  # (url, status) of every answer
         self.context = browser.new_context(viewport=VIEW, device_scale_factor=1)
         self.context.route("**/*", self._gate)
 
@@ -223,7 +256,12 @@ class _Watched:
         page = self.context.new_page()
         page.on("pageerror", lambda exc: self.errors.append(str(exc)))
         page.on("request", lambda request: self.requests.append(request))
+        page.on("response", lambda response: self.responses.append((response.url, response.status)))
         return page
+
+    def failed(self, since: int = 0) -> list[tuple[str, int]]:
+        """Answers >= 400 the pages got (from the `since`-th answer on)."""
+        return [(url, status) for url, status in self.responses[since:] if status >= 400]
 
     @property
     def urls(self) -> list[str]:
@@ -247,16 +285,19 @@ def test_page_shows_attention_over_the_planted_lesions(server, truth, browser):
         page.goto(origin + "/", wait_until="load")
 
         # the pickers come from /v1/slides and /v1/models; the slide opens before any job
-        page.wait_for_function("() => document.querySelectorAll('#slide-picker option').length > 0")
-        assert page.locator("#slide-picker").input_value() == SLIDE
-        assert page.locator("#model-picker option").count() >= 1
+        page.wait_for_function("() => document.querySelectorAll('#slide-picker option').length === 2")
+        assert sorted(page.locator("#slide-picker option").evaluate_all("opts => opts.map(o => o.value)")) == \
+            sorted([SLIDE, BLANK])
+        assert page.locator("#model-picker option").count() == 1
+        page.select_option("#slide-picker", SLIDE)
+        page.wait_for_function("(path) => window.milkit.state.slidePath === path",
+                               arg=f"/v1/slides/{SLIDE}.dzi")
         _wait_drawn(page)
 
         # run a job: the progress bar follows it to the end, then the overlay, legend, prediction, top-k
         page.click("#run")
         page.wait_for_function("() => new URLSearchParams(location.search).get('job')")
-        page.wait_for_function("() => document.querySelector('#progress-text').textContent.startsWith('done')",
-                               timeout=240_000)
+        assert _wait_job(page).startswith("done"), page.locator("#error").inner_text()
         assert page.locator("#progress").evaluate("bar => bar.value === bar.max && !bar.hidden")
         page.wait_for_function("() => document.querySelectorAll('#topk li').length > 0", timeout=60_000)
         page.wait_for_function("() => window.milkit.state.overlayItem !== null", timeout=60_000)
@@ -323,6 +364,18 @@ def test_page_shows_attention_over_the_planted_lesions(server, truth, browser):
 
         # /v1/jobs/{id}/view opens the same job in a fresh page
         job = page.evaluate("() => window.milkit.state.job.id")
+        answers = len(watched.responses)
+
+        # a job that fails (a slide without tissue) shows the runtime's code and line, and no stale overlay
+        page.select_option("#slide-picker", BLANK)
+        page.click("#run")
+        assert _wait_job(page).startswith("failed")
+        message = page.locator("#error").inner_text()
+        assert page.locator("#error").is_visible() and message.startswith("failed (code "), message
+        assert page.evaluate("() => window.milkit.state.overlayItem") is None
+        assert page.locator("#topk li").count() == 0
+        assert page.locator("#prediction").inner_text().strip() == "no result yet"
+
         fresh = watched.page()
         fresh.goto(f"{origin}/v1/jobs/{job}/view")
         assert urlsplit(fresh.url).query == f"job={job}"
@@ -334,6 +387,7 @@ def test_page_shows_attention_over_the_planted_lesions(server, truth, browser):
 
     watched.check_stayed_home()
     assert any(urlsplit(u).path == f"/v1/jobs/{job}/events" for u in watched.urls)  # progress came by SSE
+    assert not watched.failed(), watched.failed()
 
 
 def test_page_asks_for_the_token_and_switches_class_maps(auth_server, truth, browser):
@@ -346,6 +400,7 @@ def test_page_asks_for_the_token_and_switches_class_maps(auth_server, truth, bro
         assert page.locator("#slide-picker option").count() == 0
         page.fill("#token", TOKEN)
         asked = len(watched.requests)  # requests before this went without a token (and got 401)
+        answered = len(watched.responses)
         page.click("#token-submit")
         page.wait_for_function("() => document.querySelectorAll('#model-picker option').length === 2")
         assert page.evaluate("() => sessionStorage.getItem('milkit-token')") == TOKEN
@@ -353,10 +408,10 @@ def test_page_asks_for_the_token_and_switches_class_maps(auth_server, truth, bro
 
         models = page.evaluate("() => window.milkit.state.models")
         toy = next(m["id"] for m in models if m["class_names"] == TOY_CLASSES)
+        page.select_option("#slide-picker", SLIDE)
         page.select_option("#model-picker", toy)
         page.click("#run")
-        page.wait_for_function("() => document.querySelector('#progress-text').textContent.startsWith('done')",
-                               timeout=240_000)
+        assert _wait_job(page).startswith("done"), page.locator("#error").inner_text()
         page.wait_for_function("() => document.querySelectorAll('#topk li').length > 0", timeout=60_000)
         page.wait_for_function("() => window.milkit.state.overlayItem !== null", timeout=60_000)
 
@@ -379,6 +434,21 @@ def test_page_asks_for_the_token_and_switches_class_maps(auth_server, truth, bro
             "switching the class did not change the overlay")
         legend = page.locator("#legend").get_attribute("src")
         assert parse_qs(urlsplit(legend).query)["class"] == [other]
+
+        # signed URLs expire: the page swaps in fresh ones under the open images, and tiles keep loading
+        before = page.evaluate("() => [String(window.milkit.state.slideItem.source.queryParams),"
+                               " String(window.milkit.state.overlayItem.source.queryParams)]")
+        page.wait_for_timeout(1100)  # expiries have one-second resolution
+        page.evaluate("() => window.milkit.refreshSignatures()")
+        after = page.evaluate("() => [String(window.milkit.state.slideItem.source.queryParams),"
+                              " String(window.milkit.state.overlayItem.source.queryParams)]")
+        for old, new in zip(before, after):
+            assert parse_qs(old.lstrip("?"))["exp"] != parse_qs(new.lstrip("?"))["exp"]
+            assert parse_qs(old.lstrip("?")).get("class") == parse_qs(new.lstrip("?")).get("class")
+        fresh_sig = parse_qs(after[0].lstrip("?"))["sig"][0]
+        page.evaluate("() => { const v = window.milkit.viewer.viewport; v.zoomBy(4); v.applyConstraints(); }")
+        _wait_drawn(page)
+        assert any(fresh_sig in r.url and "_files/" in r.url for r in watched.requests)
     finally:
         watched.context.close()
 
@@ -397,3 +467,27 @@ def test_page_asks_for_the_token_and_switches_class_maps(auth_server, truth, bro
     classes = {parse_qs(urlsplit(r.url).query).get("class", [None])[0] for r in tiles if "heatmap_files" in r.url}
     assert {predicted, other} <= classes
     assert not any(urlsplit(r.url).path.endswith("/events") for r in api)  # EventSource cannot send the header
+    assert not watched.failed(since=answered), watched.failed(since=answered)
+    assert {status for _, status in watched.failed()} == {401}  # before the token: the page asked for it
+
+
+def test_page_works_where_create_app_is_mounted(mounted_server, browser):
+    watched = _Watched(browser, mounted_server.port)
+    page = watched.page()
+    try:
+        page.goto(f"{watched.origin}{MOUNT}/", wait_until="load")
+        page.wait_for_function("() => document.querySelectorAll('#slide-picker option').length === 2")
+        page.select_option("#slide-picker", SLIDE)
+        page.click("#run")
+        assert _wait_job(page).startswith("done"), page.locator("#error").inner_text()
+        page.wait_for_function("() => document.querySelectorAll('#topk li').length > 0", timeout=60_000)
+        page.wait_for_function("() => window.milkit.state.overlayItem !== null", timeout=60_000)
+        _wait_drawn(page)
+        assert page.locator("#prediction").inner_text().strip() == "lesion"
+    finally:
+        watched.context.close()
+    assert not watched.outside and not watched.errors, (watched.outside, watched.errors)
+    http = [u for u in watched.urls if urlsplit(u).scheme == "http"]
+    assert all(urlsplit(u).path.startswith(MOUNT + "/") for u in http), [u for u in http if MOUNT not in u]
+    assert any("/heatmap_files/" in u for u in http) and any(".svs_files/" in u for u in http)
+    assert not watched.failed(), watched.failed()

@@ -23,6 +23,7 @@ const state = {
   job: null, // the job object (GET /v1/jobs/{id})
   result: null, // the job's result JSON
   slidePath: null, // URL path of the open slide DZI
+  slideUrl: null, // its full URL (with the signature, when auth is on)
   slideItem: null, // its OpenSeadragon TiledImage
   overlayItem: null, // the heatmap's TiledImage
   overlaySeq: 0,
@@ -40,7 +41,15 @@ class ApiError extends Error {
 }
 
 // -- the API ---------------------------------------------------------------------------------------
+// The folder the page is served from ("/" normally, "/milkit/" when create_app is mounted there).
+const BASE_PATH = new URL(".", document.baseURI).pathname;
+
 function resolve(url) {
+  // A root-relative URL from the API ("/v1/...") belongs under the mount point: when the server does not
+  // know where it is mounted, prefix it with the page's own folder.
+  if (typeof url === "string" && url.startsWith("/") && !url.startsWith("//") && !url.startsWith(BASE_PATH)) {
+    url = BASE_PATH + url.slice(1);
+  }
   return new URL(url, API).href;
 }
 
@@ -78,7 +87,7 @@ async function api(path, { method = "GET", body } = {}) {
 }
 
 function withQuery(url, params) {
-  const u = new URL(url, API);
+  const u = new URL(resolve(url));
   for (const [key, value] of Object.entries(params)) {
     if (value === "" || value === null || value === undefined) u.searchParams.delete(key);
     else u.searchParams.set(key, value);
@@ -128,15 +137,65 @@ viewer.addHandler("open-failed", (event) => showError(`the slide did not open: $
 function openSlide(dziUrl) {
   const url = resolve(dziUrl);
   const path = new URL(url).pathname;
-  if (state.slidePath === path && state.slideItem) return Promise.resolve(state.slideItem);
+  state.slideUrl = url;
+  if (state.slidePath === path && state.slideItem) {
+    setQuery(state.slideItem, url); // the same slide: keep the view, take the fresher signature
+    return Promise.resolve(state.slideItem);
+  }
   state.slidePath = path;
   state.slideItem = null;
   state.overlayItem = null;
   return new Promise((done, fail) => {
-    viewer.addOnceHandler("open", () => done(state.slideItem));
+    viewer.addOnceHandler("open", () => {
+      scheduleRefresh();
+      done(state.slideItem);
+    });
     viewer.addOnceHandler("open-failed", (event) => fail(new Error(event.message)));
     viewer.open(url);
   });
+}
+
+// -- signed URLs stay fresh -------------------------------------------------------------------------
+// With --token-file, DZI/tile/legend URLs carry ?exp=&sig= and expire (an hour by default). Before they
+// do, ask the API for fresh ones and swap the query under the open images: the view stays where it is.
+const REFRESH_MARGIN_S = 120;
+let refreshTimer = null;
+
+function expiry(url) {
+  if (!url) return null;
+  const exp = Number(new URL(resolve(url)).searchParams.get("exp"));
+  return Number.isFinite(exp) && exp > 0 ? exp : null;
+}
+
+function setQuery(item, url) {
+  item.source.queryParams = new URL(resolve(url)).search; // DziTileSource appends it to every tile URL
+}
+
+function scheduleRefresh() {
+  clearTimeout(refreshTimer);
+  const urls = [state.slideUrl, state.job && state.job.urls ? state.job.urls.heatmap_dzi : null];
+  const exps = urls.map(expiry).filter((exp) => exp !== null);
+  if (!exps.length) return;
+  const wait = Math.max(5, Math.min(...exps) - Date.now() / 1000 - REFRESH_MARGIN_S);
+  refreshTimer = setTimeout(() => refreshSignatures().catch(showError), wait * 1000);
+}
+
+async function refreshSignatures() {
+  const job = state.job;
+  if (job) {
+    const fresh = await api(`jobs/${encodeURIComponent(job.id)}`);
+    if (state.job !== job) return;
+    job.urls = fresh.urls;
+    if (fresh.urls.slide_dzi) state.slideUrl = resolve(fresh.urls.slide_dzi);
+  } else if (state.slidePath) {
+    const slides = await api("slides");
+    const slide = slides.find((s) => new URL(resolve(s.dzi)).pathname === state.slidePath);
+    if (slide) state.slideUrl = resolve(slide.dzi);
+  }
+  if (state.slideItem && state.slideUrl) setQuery(state.slideItem, state.slideUrl);
+  if (job && state.overlayItem) setQuery(state.overlayItem, withQuery(job.urls.heatmap_dzi, overlayQuery()));
+  if (job && job.urls.legend && !$("legend").hidden) $("legend").src = withQuery(job.urls.legend, overlayQuery());
+  scheduleRefresh();
 }
 
 // -- the overlay -----------------------------------------------------------------------------------
@@ -166,6 +225,7 @@ function addOverlay() {
       }
       if (state.overlayItem) viewer.world.removeItem(state.overlayItem);
       state.overlayItem = event.item;
+      scheduleRefresh();
     },
     error: (event) => showError(`the attention overlay did not load: ${event.message}`),
   });
@@ -441,9 +501,15 @@ async function showResult(result) {
   renderPrediction(result);
   fillClasses(job.classes, result.prediction ? result.prediction.class_name : null); // predicted class first
   $("overlay-toggle").disabled = false;
-  await openSlide(job.urls.slide_dzi);
-  if (state.job !== job) return;
-  if (!state.overlayItem) addOverlay();
+  if (job.urls.slide_dzi) {
+    await openSlide(job.urls.slide_dzi);
+    if (state.job !== job) return;
+    if (!state.overlayItem) addOverlay();
+  } else {
+    // a --results job whose slide is not under --slides: the attention map alone, on the same grid
+    await openSlide(withQuery(job.urls.heatmap_dzi, overlayQuery()));
+    showError("this job's slide is not served here (not under --slides): its attention map is shown alone");
+  }
   await loadTopk();
 }
 
@@ -580,6 +646,7 @@ $("token-form").addEventListener("submit", (event) => {
 window.milkit = {
   viewer,
   state,
+  refreshSignatures,
   // true once the slide (and the overlay, when there is one) has drawn every tile the view needs
   drawn() {
     const items = [state.slideItem, state.overlayItem].filter((item) => item && item.getOpacity() > 0);
