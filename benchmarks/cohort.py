@@ -213,6 +213,8 @@ def build_finished_cohort(slide: Path, work: Path, count: int) -> tuple[list[Pat
         copy["outputs"] = {kind: str(out / (stem + Path(path).name[len("r00000"):]))
                            for kind, path in record.get("outputs", {}).items()}
         copy["output_set"]["files"] = renamed
+        copy["output_set"]["stat"] = {stem + name[len("r00000"):]: value  # hard links: same size and mtime
+                                      for name, value in record["output_set"].get("stat", {}).items()}
         (out / f"{stem}.json").write_text(json.dumps(copy, indent=2) + "\n")
     return inputs, out
 
