@@ -93,12 +93,23 @@ def truth(tmp_path_factory):
                                  tissue=0.6, seed=11)
 
 
+def _serve_helpers():
+    """tests/serve/conftest.py as a module (its slow_down), loaded by path: `conftest` is ambiguous here."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("serve_conftest_for_page", Path(__file__).with_name("conftest.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def server(truth, tmp_path_factory):
     from mil_runtime.serve import create_app
 
     root = truth.path.parents[1]
     app = create_app([MODEL], root, state_dir=tmp_path_factory.mktemp("state"))
+    _serve_helpers().slow_down(app, delay=0.1, batch_size=8)  # a job runs ~1 s: its progress can be seen
     with _Server(app) as running:
         yield running
 
@@ -295,10 +306,20 @@ def test_page_shows_attention_over_the_planted_lesions(server, truth, browser):
         _wait_drawn(page)
 
         # run a job: the progress bar follows it to the end, then the overlay, legend, prediction, top-k
+        page.evaluate("""() => {
+            window.progressSeen = [];
+            const text = document.querySelector('#progress-text'), bar = document.querySelector('#progress');
+            new MutationObserver(() => window.progressSeen.push([text.textContent, bar.value, bar.max]))
+                .observe(text, {childList: true, characterData: true, subtree: true});
+        }""")
         page.click("#run")
         page.wait_for_function("() => new URLSearchParams(location.search).get('job')")
         assert _wait_job(page).startswith("done"), page.locator("#error").inner_text()
         assert page.locator("#progress").evaluate("bar => bar.value === bar.max && !bar.hidden")
+        seen = page.evaluate("() => window.progressSeen")
+        midway = [(text, value, top) for text, value, top in seen
+                  if text.startswith("running") and 0 < value < top and text.endswith(f" {int(value)}/{int(top)}")]
+        assert midway, f"the progress bar never showed a running job part-way: {seen}"
         page.wait_for_function("() => document.querySelectorAll('#topk li').length > 0", timeout=60_000)
         page.wait_for_function("() => window.milkit.state.overlayItem !== null", timeout=60_000)
         page.wait_for_function("() => { const img = document.querySelector('#legend');"
