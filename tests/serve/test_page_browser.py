@@ -167,6 +167,24 @@ def mounted_server(truth, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def results_server(truth, tmp_path_factory):
+    """`mil-serve --results DIR`: an earlier run's output set (run_slide with out_dir), served as a job."""
+    from mil_runtime.encoder import find_encoder, load_encoder
+    from mil_runtime.model import load_model
+    from mil_runtime.pipeline import run_slide
+    from mil_runtime.serve import create_app
+
+    out = tmp_path_factory.mktemp("results")
+    model = load_model(MODEL, device="cpu")
+    run_slide(truth.path, model, load_encoder(find_encoder(MODEL, model.metadata), device="cpu"), out_dir=out,
+              workers=1)
+    app = create_app([MODEL], truth.path.parents[1], state_dir=tmp_path_factory.mktemp("results-state"),
+                     results_dir=out)
+    with _Server(app) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
 def browser():
     with playwright_sync.sync_playwright() as pw:
         chromium = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
@@ -511,4 +529,26 @@ def test_page_works_where_create_app_is_mounted(mounted_server, browser):
     http = [u for u in watched.urls if urlsplit(u).scheme == "http"]
     assert all(urlsplit(u).path.startswith(MOUNT + "/") for u in http), [u for u in http if MOUNT not in u]
     assert any("/heatmap_files/" in u for u in http) and any(".svs_files/" in u for u in http)
+    assert not watched.failed(), watched.failed()
+
+
+def test_page_browses_finished_results(results_server, browser):
+    watched = _Watched(browser, results_server.port)
+    page = watched.page()
+    try:
+        page.goto(watched.origin + "/", wait_until="load")
+        page.wait_for_function("() => document.querySelectorAll('#job-picker option').length === 2")
+        job = page.locator("#job-picker option").nth(1)
+        assert job.inner_text().startswith(SLIDE)
+        page.select_option("#job-picker", job.get_attribute("value"))
+        page.wait_for_function("() => document.querySelectorAll('#topk li').length > 0", timeout=60_000)
+        page.wait_for_function("() => window.milkit.state.overlayItem !== null", timeout=60_000)
+        _wait_drawn(page)
+        assert page.locator("#prediction").inner_text().strip() == "lesion"
+        assert urlsplit(page.url).query == f"job={job.get_attribute('value')}"
+        assert not any(urlsplit(u).path == "/v1/jobs" and r.method == "POST"
+                       for r in watched.requests for u in [r.url])  # served, not run again
+    finally:
+        watched.context.close()
+    watched.check_stayed_home()
     assert not watched.failed(), watched.failed()

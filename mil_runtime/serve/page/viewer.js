@@ -499,6 +499,7 @@ async function showResult(result) {
   if (state.job !== job) return;
   state.result = result;
   renderPrediction(result);
+  refreshJobs().catch(() => {}); // a job that just finished joins the list
   fillClasses(job.classes, result.prediction ? result.prediction.class_name : null); // predicted class first
   $("overlay-toggle").disabled = false;
   if (job.urls.slide_dzi) {
@@ -530,6 +531,7 @@ function clearJobView() {
   $("progress").hidden = true;
   $("progress-text").textContent = "";
   $("cancel").hidden = true;
+  $("job-picker").value = "";
   showError(null);
 }
 
@@ -597,6 +599,34 @@ $("slide-picker").addEventListener("change", () => {
 
 window.addEventListener("popstate", () => start());
 
+// -- finished jobs (this server's, and with --results an earlier mil-infer run's: a cohort to browse) --
+function fillJobs(jobs) {
+  const select = $("job-picker");
+  const latest = new Map(); // one entry per slide and model: the newest finished handle
+  for (const job of jobs) if (job.state === "done") latest.set(`${job.slide}\u0000${job.model}`, job);
+  const done = [...latest.values()].sort((a, b) => String(a.slide).localeCompare(String(b.slide)));
+  select.replaceChildren(new Option(done.length ? `${done.length} finished` : "none yet", ""));
+  for (const job of done) select.append(new Option(`${job.slide} · ${job.model}`, job.id));
+  select.disabled = done.length === 0;
+  if (state.job && done.some((job) => job.id === state.job.id)) select.value = state.job.id;
+}
+
+async function refreshJobs() {
+  try {
+    fillJobs(await api("jobs"));
+  } catch (error) {
+    if (error.status !== 404) throw error; // a server without the job list: leave the picker empty
+    fillJobs([]);
+  }
+}
+
+$("job-picker").addEventListener("change", () => {
+  const id = $("job-picker").value;
+  if (!id) return;
+  history.pushState(null, "", `?job=${encodeURIComponent(id)}`);
+  openJob(id);
+});
+
 // -- start -----------------------------------------------------------------------------------------
 function fillPickers() {
   const slides = $("slide-picker");
@@ -622,6 +652,7 @@ async function start() {
   state.models = models.status === "fulfilled" ? models.value : [];
   fillPickers();
   for (const answer of [slides, models]) if (answer.status === "rejected") showError(answer.reason);
+  await refreshJobs().catch(showError);
   const id = new URLSearchParams(location.search).get("job");
   if (id) {
     await openJob(id);
