@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import secrets
 import threading
@@ -83,11 +84,25 @@ class Handle:
         return self.own_error if self.own_error is not None else (self.comp.error if not self.cancelled else None)
 
 
+JOB_NICE = 10  # job threads (and the tile readers they start) yield the CPU to tile requests
+
+
+def _lower_priority(nice: int) -> None:
+    """Lower this thread's CPU priority (Linux: nice is per thread and inherited by threads it starts)."""
+    if nice <= 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError):
+        pass
+
+
 class JobManager:
     def __init__(self, store: Store, models: dict[str, ModelEntry], *, max_jobs: int = 8, workers: int = 1,
-                 tile_workers: int = 2) -> None:
+                 tile_workers: int = 2, job_nice: int = JOB_NICE) -> None:
         self.store, self.models = store, models
         self.max_jobs, self.tile_workers = max(1, int(max_jobs)), tile_workers
+        self.job_nice = int(job_nice)
         self.batch_size = 64  # tiles per encoder batch, hence per progress report and cancel check
         self.handles: dict[str, Handle] = {}
         self.comps: dict[str, Computation] = {}
@@ -182,6 +197,7 @@ class JobManager:
 
     # -- running ------------------------------------------------------------------------------
     def _work(self) -> None:
+        _lower_priority(self.job_nice)
         while not self._stop.is_set():
             try:
                 comp = self.queue.get(timeout=0.5)
