@@ -401,6 +401,24 @@ def test_page_shows_attention_over_the_planted_lesions(server, truth, browser):
         assert centre[2] > 1.5 * zoom_before
         assert page.locator("#topk li.active").count() == 1
 
+        # re-aggregation on the region in view (around that lesion tile): without it + only it = every tile
+        n_tiles = page.evaluate("() => window.milkit.state.result.n_instances")
+        found = {}
+        for mode in ("exclude", "include"):
+            page.click(f"#reaggregate-{mode}")
+            page.wait_for_function("(mode) => { const d = document.querySelector('#reaggregate-result').dataset;"
+                                   " return d.state === 'error' || (d.state === 'done' && d.mode === mode); }",
+                                   arg=mode, timeout=30_000)
+            data = page.locator("#reaggregate-result").evaluate("box => ({...box.dataset})")
+            assert data["state"] == "done", page.locator("#reaggregate-result").inner_text()
+            found[mode] = data
+        assert 0 < int(found["include"]["tiles"]) < n_tiles
+        assert int(found["include"]["tiles"]) + int(found["exclude"]["tiles"]) == n_tiles
+        assert found["include"]["prediction"] == "lesion"
+        assert page.locator(".region-marker").count() == 1
+        if os.environ.get("MILKIT_PAGE_SHOTS"):
+            page.screenshot(path=str(Path(os.environ["MILKIT_PAGE_SHOTS"]) / "page.png"))
+
         # /v1/jobs/{id}/view opens the same job in a fresh page
         job = page.evaluate("() => window.milkit.state.job.id")
         answers = len(watched.responses)

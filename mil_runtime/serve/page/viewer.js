@@ -30,6 +30,7 @@ const state = {
   followSeq: 0, // bumps when the followed job changes; stale followers stop
   eventSource: null,
   marker: null, // the top-k tile marker element
+  regionMarker: null, // the region the last re-aggregation used
 };
 
 class ApiError extends Error {
@@ -344,6 +345,52 @@ function flyTo(tile, item) {
   for (const other of $("topk").children) other.classList.toggle("active", other === item);
 }
 
+// -- re-aggregation: the prediction without (or only with) the region in view ----------------------
+function viewRegion() {
+  // the visible rectangle in level-0 px, clipped to the slide, as a GeoJSON polygon
+  const size = state.slideItem.getContentSize();
+  const view = state.slideItem.viewportToImageRectangle(viewer.viewport.getBounds(true));
+  const x0 = Math.max(0, Math.floor(view.x));
+  const y0 = Math.max(0, Math.floor(view.y));
+  const x1 = Math.min(size.x, Math.ceil(view.x + view.width));
+  const y1 = Math.min(size.y, Math.ceil(view.y + view.height));
+  return { box: [x0, y0, x1, y1], geometry: { type: "Polygon", coordinates: [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]] } };
+}
+
+async function reaggregate(mode) {
+  const box = $("reaggregate-result");
+  const job = state.job;
+  if (!job || job.state !== "done" || !state.slideItem) return;
+  const region = viewRegion();
+  const [x0, y0, x1, y1] = region.box;
+  if (state.regionMarker) viewer.removeOverlay(state.regionMarker);
+  state.regionMarker = document.createElement("div");
+  state.regionMarker.className = "region-marker";
+  viewer.addOverlay({ element: state.regionMarker,
+                      location: state.slideItem.imageToViewportRectangle(x0, y0, x1 - x0, y1 - y0) });
+  box.textContent = "…";
+  box.dataset.state = "busy";
+  try {
+    const answer = await api(jobPath("/reaggregate"), { method: "POST", body: { [mode]: region.geometry } });
+    if (state.job !== job) return;
+    const label = mode === "exclude" ? "without the view" : "only the view";
+    const lines = [`${label}: ${answer.prediction.class_name} (${answer.n_tiles} tiles)`];
+    for (const [name, p] of Object.entries(answer.probabilities || {})) lines.push(`${name}: ${p.toFixed(3)}`);
+    box.textContent = lines.join("\n");
+    box.classList.remove("muted");
+    box.dataset.state = "done";
+    box.dataset.mode = mode;
+    box.dataset.tiles = answer.n_tiles;
+    box.dataset.prediction = answer.prediction.class_name;
+  } catch (error) {
+    box.textContent = error.message;
+    box.dataset.state = "error";
+  }
+}
+
+$("reaggregate-exclude").addEventListener("click", () => reaggregate("exclude"));
+$("reaggregate-include").addEventListener("click", () => reaggregate("include"));
+
 // -- attention under the pointer (throttled) -------------------------------------------------------
 const pointer = { pending: null, inflight: false, last: 0, timer: null, seq: 0 };
 
@@ -502,6 +549,7 @@ async function showResult(result) {
   refreshJobs().catch(() => {}); // a job that just finished joins the list
   fillClasses(job.classes, result.prediction ? result.prediction.class_name : null); // predicted class first
   $("overlay-toggle").disabled = false;
+  $("reaggregate-exclude").disabled = $("reaggregate-include").disabled = false;
   if (job.urls.slide_dzi) {
     await openSlide(job.urls.slide_dzi);
     if (state.job !== job) return;
@@ -532,6 +580,11 @@ function clearJobView() {
   $("progress-text").textContent = "";
   $("cancel").hidden = true;
   $("job-picker").value = "";
+  $("reaggregate-exclude").disabled = $("reaggregate-include").disabled = true;
+  $("reaggregate-result").textContent = "";
+  delete $("reaggregate-result").dataset.state;
+  if (state.regionMarker) viewer.removeOverlay(state.regionMarker);
+  state.regionMarker = null;
   showError(null);
 }
 
