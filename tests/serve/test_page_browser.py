@@ -39,17 +39,26 @@ HEIGHT, WIDTH = 2048, 3072  # small: the job takes a few seconds on one core
 LESIONS = [(640, 760, 330), (1300, 2260, 380)]  # (cy, cx, r) level-0 px, well apart and inside the slide
 VIEW = {"width": 1300, "height": 800}
 
-if not CHROMIUM.exists():
+
+
+def _missing(why: str) -> None:
+    """Skip, or fail where CI is set (there .ci/run and `make test` provide everything)."""
     if os.environ.get("CI"):
-        pytest.fail(f"{CHROMIUM} is missing: .ci/run installs Debian's chromium for this test", pytrace=False)
-    pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium); set CI to make this a failure",
-                allow_module_level=True)
-playwright_sync = pytest.importorskip("playwright.sync_api")
-if not VENDOR.exists():
-    if os.environ.get("CI"):
-        pytest.fail(f"{VENDOR} is missing: `make page` (run by `make test`) copies OpenSeadragon there",
-                    pytrace=False)
-    pytest.skip(f"{VENDOR} is missing: run `make page`", allow_module_level=True)
+        pytest.fail(why, pytrace=False)
+    pytest.skip(why + "; set CI to make this a failure")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _requirements():
+    # checked here, not at import: a quick run (-m "not slow") collects this file and must not fail on it
+    if not CHROMIUM.exists():
+        _missing(f"{CHROMIUM} is missing (apt-get install chromium; .ci/run installs it)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        _missing("the playwright package is missing (pip install -c constraints.txt playwright)")
+    if not VENDOR.exists():
+        _missing(f"{VENDOR} is missing: run `make page` (`make test` does)")
 
 
 # -- the server ------------------------------------------------------------------------------------
@@ -186,7 +195,9 @@ def results_server(truth, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    with playwright_sync.sync_playwright() as pw:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
         chromium = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
                                       args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
         yield chromium
@@ -383,6 +394,15 @@ def test_page_shows_attention_over_the_planted_lesions(server, truth, browser):
         page.mouse.move(box["x"] + sx, box["y"] + sy)
         page.wait_for_function("() => document.querySelector('#pointer-attention').textContent.match(/rank 1(\\D|$)/)",
                                timeout=10_000)
+        # throttled: a burst of pointer moves makes at most one /at request per 150 ms (plus the trailing one)
+        asked = sum(urlsplit(u).path.endswith("/at") for u in watched.urls)
+        started = time.monotonic()
+        for i in range(40):
+            page.mouse.move(box["x"] + sx + 2 * i, box["y"] + sy + i)
+        elapsed = time.monotonic() - started
+        page.wait_for_timeout(500)
+        burst = sum(urlsplit(u).path.endswith("/at") for u in watched.urls) - asked
+        assert 1 <= burst <= elapsed / 0.15 + 2, (burst, elapsed)
 
         # a top-k click flies the view there: the viewport centres on that tile, zoomed in
         zoom_before = page.evaluate("() => window.milkit.viewer.viewport.getZoom(true)")
