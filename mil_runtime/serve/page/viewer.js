@@ -65,9 +65,15 @@ async function api(path, { method = "GET", body } = {}) {
     credentials: "same-origin",
     cache: "no-store",
   });
-  if (response.status === 401) {
-    askToken(state.token ? "the token was refused; enter it again" : null);
-    throw new ApiError(401, 0, "this server needs an access token");
+  if (response.status === 401 || (response.status === 403 && state.token && headers.Authorization)) {
+    // no token yet, or the one we sent was refused: ask (again); a refused token is forgotten
+    const refused = Boolean(state.token);
+    if (refused) {
+      state.token = null;
+      sessionStorage.removeItem(TOKEN_KEY);
+    }
+    askToken(refused ? "That token was refused. Enter the access token again" : null);
+    throw new ApiError(response.status, 0, refused ? "the access token was refused" : "this server needs an access token");
   }
   if (!response.ok) {
     let code = 0;
@@ -301,12 +307,15 @@ function renderPrediction(result) {
   }
 }
 
+let topkSeq = 0;
+
 async function loadTopk() {
   const list = $("topk");
-  list.replaceChildren();
   const job = state.job;
+  const seq = ++topkSeq;
   const tiles = await api(withQuery(jobPath("/top"), { k: TOP_K, class: $("class-select").value }));
-  if (state.job !== job) return;
+  if (state.job !== job || seq !== topkSeq) return; // a newer list (or job) is on its way
+  list.replaceChildren();
   for (const tile of tiles) {
     const item = document.createElement("li");
     item.tabIndex = 0;
@@ -700,7 +709,7 @@ function fillPickers() {
 async function start() {
   showError(null);
   const [slides, models] = await Promise.allSettled([api("slides"), api("models")]);
-  if (slides.status === "rejected" && slides.reason.status === 401) return; // the token form is up
+  if (slides.status === "rejected" && [401, 403].includes(slides.reason.status)) return; // the token form is up
   state.slides = slides.status === "fulfilled" ? slides.value : [];
   state.models = models.status === "fulfilled" ? models.value : [];
   fillPickers();
