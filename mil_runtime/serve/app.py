@@ -363,7 +363,7 @@ def build_router(service: Service) -> APIRouter:
         if (body.include is None) == (body.exclude is None):
             raise ApiError(400, 'give exactly one of "include" or "exclude" (a GeoJSON region)', 6)
         data = service.data(handle)
-        keep = region_mask(data, body.include if body.include is not None else body.exclude, service.jobs.store.uploads)
+        keep = region_mask(data, body.include if body.include is not None else body.exclude)
         if body.exclude is not None:
             keep = ~keep
         if not keep.any():
@@ -414,19 +414,29 @@ def prediction_body(prediction, xy: np.ndarray | None, n: int) -> dict[str, Any]
     return body
 
 
-def region_mask(data: JobData, geojson: dict, tmp_dir: Path) -> np.ndarray:
-    """(N,) bool: tiles whose centre lies inside the GeoJSON region (level-0 px, holes excluded)."""
-    from mil_runtime.slide.regions import read_regions
+def region_polygons(geojson: Any) -> list:
+    """[(exterior, holes)] level-0 rings of a GeoJSON region, parsed as `--roi` files are
+    (mil_runtime.slide.regions, frame level0), without a file: InvalidInputError when it has no polygon."""
+    from mil_runtime.slide.regions import _features, _geometries, _polygon
 
-    with tempfile.NamedTemporaryFile("w", suffix=".geojson", dir=tmp_dir, delete=False) as handle:
-        json.dump(geojson, handle)
-    try:
-        regions = read_regions(handle.name, GEOJSON_FRAME)
-    finally:
-        Path(handle.name).unlink(missing_ok=True)
+    polygons = []
+    for feature in _features(geojson):
+        for geometry in _geometries(feature.get("geometry")):
+            kind = geometry.get("type")
+            if kind == "Polygon":
+                polygons.append(_polygon(geometry.get("coordinates"), (0, 0), "region"))
+            elif kind == "MultiPolygon":
+                polygons.extend(_polygon(p, (0, 0), "region") for p in geometry.get("coordinates") or [])
+    if not polygons:
+        raise InvalidInputError("region: no Polygon or MultiPolygon in it (level-0 px GeoJSON)")
+    return polygons
+
+
+def region_mask(data: JobData, geojson: dict, tmp_dir: Path | None = None) -> np.ndarray:
+    """(N,) bool: tiles whose centre lies inside the GeoJSON region (level-0 px, holes excluded)."""
     centres = data.xy.astype(np.float64) + data.tile_level0 / 2.0  # (N, 2) level-0 (x, y)
     inside = np.zeros(len(centres), dtype=bool)
-    for exterior, holes in regions.polygons:
+    for exterior, holes in region_polygons(geojson):
         here = points_in_ring(centres, exterior)
         for hole in holes:
             here &= ~points_in_ring(centres, hole)
@@ -437,6 +447,26 @@ def region_mask(data: JobData, geojson: dict, tmp_dir: Path) -> np.ndarray:
 def points_in_ring(points: np.ndarray, ring) -> np.ndarray:
     """(N,) bool: even-odd rule, points (N, 2) against one closed ring of (x, y) vertices."""
     vertices = np.asarray(ring, dtype=np.float64)
+    low, high = vertices.min(axis=0), vertices.max(axis=0)
+    box = np.flatnonzero((points[:, 0] >= low[0]) & (points[:, 0] <= high[0]) & (points[:, 1] >= low[1])
+                         & (points[:, 1] <= high[1]))
+    result = np.zeros(len(points), dtype=bool)
+    if len(box) == 0:
+        return result
+    if len(vertices) <= 5 and _is_axis_box(vertices):  # a rectangle: [low, high), as the even-odd rule has it
+        inner = points[box]
+        result[box] = (inner[:, 0] < high[0]) & (inner[:, 1] < high[1])
+        return result
+    result[box] = _even_odd(points[box], vertices)
+    return result
+
+
+def _is_axis_box(vertices: np.ndarray) -> bool:
+    xs, ys = np.unique(vertices[:, 0]), np.unique(vertices[:, 1])
+    return len(xs) == 2 and len(ys) == 2 and len(vertices) >= 4
+
+
+def _even_odd(points: np.ndarray, vertices: np.ndarray) -> np.ndarray:
     x, y = points[:, 0][:, None], points[:, 1][:, None]  # (N, 1)
     x0, y0 = vertices[:, 0][None, :], vertices[:, 1][None, :]  # (1, V)
     x1, y1 = np.roll(vertices[:, 0], -1)[None, :], np.roll(vertices[:, 1], -1)[None, :]
@@ -576,7 +606,7 @@ def create_app(models: list[Path], slides_root: Path | None, *, state_dir: Path,
 
         raise InputNotFoundError(f"--slides {slides_root}: no such folder")
     auth = Auth(read_token(token_file) if token_file is not None else None)
-    entries = load_models([Path(m) for m in models], encoder_paths, device=device)
+    entries = load_models([Path(m) for m in models], encoder_paths, device=device, encoder_nice=job_nice)
     store = Store(Path(state_dir))
     jobs = JobManager(store, entries, max_jobs=max_jobs, workers=workers, job_nice=job_nice)
     service = Service(models=entries, slides_root=root, jobs=jobs, auth=auth, tiles=SlideTiles(tile_cache_mb),
