@@ -568,6 +568,13 @@ def test_page_works_where_create_app_is_mounted(mounted_server, browser):
         page.wait_for_function("() => window.milkit.state.overlayItem !== null", timeout=60_000)
         _wait_drawn(page)
         assert page.locator("#prediction").inner_text().strip() == "lesion"
+        # .../v1/jobs/{id}/view stays inside the mount
+        job = page.evaluate("() => window.milkit.state.job.id")
+        fresh = watched.page()
+        fresh.goto(f"{watched.origin}{MOUNT}/v1/jobs/{job}/view")
+        assert urlsplit(fresh.url).path == MOUNT + "/" and urlsplit(fresh.url).query == f"job={job}"
+        fresh.wait_for_function("() => window.milkit.state.overlayItem !== null", timeout=60_000)
+        _wait_drawn(fresh)
     finally:
         watched.context.close()
     assert not watched.outside and not watched.errors, (watched.outside, watched.errors)
