@@ -385,6 +385,18 @@ def test_page_shows_attention_over_the_planted_lesions(server, truth, browser):
         ratio = faint_delta[painted].mean() / full_delta[painted].mean()
         assert 0.15 < ratio < 0.45, f"opacity 0.3 should scale the overlay's change by ~0.3, got {ratio:.2f}"
 
+        # another colour map (cmap=): at full opacity the painted tiles turn grey
+        page.locator("#opacity").fill("1")
+        page.select_option("#cmap-select", "gray")
+        page.wait_for_function("() => { const item = window.milkit.state.overlayItem;"
+                               " return item && String(item.source.queryParams).includes('cmap=gray'); }")
+        _wait_drawn(page)
+        grey = _shot(page, "overlay-gray").astype(int)
+        spread = grey.max(axis=2) - grey.min(axis=2)
+        assert (spread[painted] <= 12).mean() > 0.9, "cmap=gray did not paint grey"
+        assert "cmap=gray" in page.locator("#legend").get_attribute("src")
+        page.select_option("#cmap-select", "viridis")
+
         # attention under the pointer: hover the top tile
         top = page.evaluate("() => { const li = document.querySelector('#topk li');"
                             " return [Number(li.dataset.x), Number(li.dataset.y)]; }")
@@ -439,9 +451,18 @@ def test_page_shows_attention_over_the_planted_lesions(server, truth, browser):
         if os.environ.get("MILKIT_PAGE_SHOTS"):
             page.screenshot(path=str(Path(os.environ["MILKIT_PAGE_SHOTS"]) / "page.png"))
 
-        # /v1/jobs/{id}/view opens the same job in a fresh page
+        # /v1/jobs/{id}/view opens the same job in a fresh page (checked below)
         job = page.evaluate("() => window.milkit.state.job.id")
-        answers = len(watched.responses)
+
+        # a job on the region in view only (roi): the same slide, fewer tiles
+        page.check("#run-roi")
+        page.click("#run")
+        page.wait_for_function("(job) => window.milkit.state.job && window.milkit.state.job.id !== job", arg=job)
+        assert _wait_job(page).startswith("done"), page.locator("#error").inner_text()
+        page.wait_for_function("() => window.milkit.state.result !== null", timeout=60_000)
+        roi_tiles = page.evaluate("() => window.milkit.state.result.n_instances")
+        assert 0 < roi_tiles < n_tiles
+        page.uncheck("#run-roi")
 
         # a job that fails (a slide without tissue) shows the runtime's code and line, and no stale overlay
         page.select_option("#slide-picker", BLANK)

@@ -207,7 +207,7 @@ async function refreshSignatures() {
 
 // -- the overlay -----------------------------------------------------------------------------------
 function overlayQuery() {
-  return { class: $("class-select").value, norm: $("norm-select").value };
+  return { class: $("class-select").value, norm: $("norm-select").value, cmap: $("cmap-select").value };
 }
 
 function overlayOpacity() {
@@ -262,6 +262,7 @@ $("class-select").addEventListener("change", () => {
   loadTopk().catch(showError); // the top tiles of the chosen class's map
 });
 $("norm-select").addEventListener("change", addOverlay);
+$("cmap-select").addEventListener("change", addOverlay);
 
 function fillClasses(classes, preferred) {
   const select = $("class-select");
@@ -624,9 +625,18 @@ async function runJob() {
     showError("pick a slide and a model first");
     return;
   }
+  const body = { slide, model };
+  if ($("run-roi").checked) {
+    // only the region in view (of this slide): a GeoJSON polygon in level-0 px
+    if (!state.slideItem || state.slidePath !== new URL(resolve(state.slides.find((s) => s.path === slide).dzi)).pathname) {
+      showError("open the slide first to run on the region in view");
+      return;
+    }
+    body.roi = viewRegion().geometry;
+  }
   $("run").disabled = true;
   try {
-    const job = await api("jobs", { method: "POST", body: { slide, model } });
+    const job = await api("jobs", { method: "POST", body });
     history.pushState(null, "", `?job=${encodeURIComponent(job.id)}`);
     await showJob(job);
   } catch (error) {
