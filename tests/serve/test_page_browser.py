@@ -280,6 +280,7 @@ class _Watched:
         self.errors: list[str] = []  # uncaught exceptions in the page
         self.requests: list = []  # every request the pages made (playwright Request objects)
         self.responses: list[tuple[str, int]] = []  # (url, status) of every answer
+        self.console: list[str] = []  # console errors (a Content-Security-Policy violation would be one)
         self.context = browser.new_context(viewport=VIEW, device_scale_factor=1)
         self.context.route("**/*", self._gate)
 
@@ -297,6 +298,7 @@ class _Watched:
         page.on("pageerror", lambda exc: self.errors.append(str(exc)))
         page.on("request", lambda request: self.requests.append(request))
         page.on("response", lambda response: self.responses.append((response.url, response.status)))
+        page.on("console", lambda message: message.type == "error" and self.console.append(message.text))
         return page
 
     def failed(self, since: int = 0) -> list[tuple[str, int]]:
@@ -307,12 +309,14 @@ class _Watched:
     def urls(self) -> list[str]:
         return [request.url for request in self.requests]
 
-    def check_stayed_home(self) -> None:
+    def check_stayed_home(self, allowed_console=()) -> None:
         assert not self.outside, f"the page tried to reach beyond 127.0.0.1: {self.outside}"
         http = [u for u in self.urls if urlsplit(u).scheme in ("http", "https", "ws", "wss")]
         assert all(u.startswith(self.origin + "/") for u in http)
         assert any(u.endswith("/page/vendor/openseadragon/openseadragon.min.js") for u in http)
         assert not self.errors, self.errors
+        console = [m for m in self.console if not any(a in m for a in allowed_console)]
+        assert not console, console
 
 
 # -- the tests -------------------------------------------------------------------------------------
@@ -557,7 +561,7 @@ def test_page_asks_for_the_token_and_switches_class_maps(auth_server, truth, bro
     finally:
         watched.context.close()
 
-    watched.check_stayed_home()
+    watched.check_stayed_home(allowed_console=("status of 401", "status of 403"))
     api = [r for r in watched.requests if urlsplit(r.url).path.startswith("/v1/")]
     tiles = [r for r in api if "_files/" in r.url or r.url.split("?")[0].endswith((".dzi", "legend.png"))]
     fetched = [r for r in watched.requests[asked:] if r.resource_type == "fetch"]
@@ -598,7 +602,8 @@ def test_page_works_where_create_app_is_mounted(mounted_server, browser):
         _wait_drawn(fresh)
     finally:
         watched.context.close()
-    assert not watched.outside and not watched.errors, (watched.outside, watched.errors)
+    assert not watched.outside and not watched.errors and not watched.console, (
+        watched.outside, watched.errors, watched.console)
     http = [u for u in watched.urls if urlsplit(u).scheme == "http"]
     assert all(urlsplit(u).path.startswith(MOUNT + "/") for u in http), [u for u in http if MOUNT not in u]
     assert any("/heatmap_files/" in u for u in http) and any(".svs_files/" in u for u in http)
