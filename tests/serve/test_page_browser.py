@@ -575,6 +575,8 @@ def test_page_asks_for_the_token_and_switches_class_maps(auth_server, truth, bro
         assert "sig" in query and "exp" in query and "authorization" not in request.headers, request.url
     classes = {parse_qs(urlsplit(r.url).query).get("class", [None])[0] for r in tiles if "heatmap_files" in r.url}
     assert {predicted, other} <= classes
+    tops = [parse_qs(urlsplit(r.url).query).get("class", [None])[0] for r in api if urlsplit(r.url).path.endswith("/top")]
+    assert tops[-1] == other  # the top-k list follows the chosen class's map
     assert not any(urlsplit(r.url).path.endswith("/events") for r in api)  # EventSource cannot send the header
     assert not watched.failed(since=answered), watched.failed(since=answered)
     assert {status for _, status in watched.failed()} <= {401, 403}  # before the right token
