@@ -1,12 +1,18 @@
 """mil-serve's page in a real browser (Debian's chromium driven by playwright).
 
-One demo-style app (the demo model, a small synthetic slide with two planted lesions) runs under uvicorn in
-a thread on 127.0.0.1. The page runs a job from its pickers, the slide tiles draw, the overlay is turned on,
-and the screenshot's pixels must show the hot end of the colour map over the planted lesions (the
-generator's own ground truth) and nowhere else. Moving the opacity slider must change the overlay's alpha
-in the pixels, a top-k entry must fly the view to its tile, and the attention under the pointer must show.
+Demo-style apps (the demo model, a small synthetic slide with two planted lesions) run under uvicorn in a
+thread on 127.0.0.1, each on a free port.
+- The main test runs a job from the page's pickers and follows its progress bar (SSE). With the slide
+  tiles drawn, the overlay is turned on, and the screenshot's pixels must show the hot end of the colour
+  map over the planted lesions (the generator's own ground truth) and nowhere else. The opacity slider
+  must scale the overlay's change to the pixels; cmap= must recolour it; the attention under the pointer
+  must show (throttled); a top-k entry must fly the view to its tile; re-aggregation of the region in view
+  must split the tiles; a roi job, a failed job and /v1/jobs/{id}/view are checked too.
+- With --token-file and a per-class-attention model: the page asks for the token, sends it only as the
+  bearer header, loads tiles by signed URLs (renewed in place), and its class selector switches the map.
+- create_app mounted at /milkit, and --results (an earlier run's outputs browsed as jobs).
 Every request the browser makes outside 127.0.0.1:<port> is blocked and recorded: none may be attempted
-(no CDN).
+(no CDN). MILKIT_PAGE_SHOTS=DIR keeps the screenshots.
 """
 
 from __future__ import annotations
@@ -214,7 +220,8 @@ def _wait_drawn(page, timeout_s: float = 60.0) -> None:
 
 def _wait_job(page, timeout_s: float = 240.0) -> str:
     """Until the page shows the job finished (done, failed or cancelled); returns #progress-text."""
-    page.wait_for_function("() => /^(done|failed|cancelled)/.test(document.querySelector('#progress-text').textContent)",
+    page.wait_for_function("() => /^(done|failed|cancelled)/"
+                           ".test(document.querySelector('#progress-text').textContent)",
                            timeout=timeout_s * 1000)
     return page.locator("#progress-text").inner_text()
 
@@ -535,7 +542,8 @@ def test_page_asks_for_the_token_and_switches_class_maps(auth_server, truth, bro
             else TOY_CLASSES[0]
         page.select_option("#class-select", other)
         page.wait_for_function("(cls) => { const item = window.milkit.state.overlayItem;"
-                               " return item && new URLSearchParams(String(item.source.queryParams)).get('class') === cls; }",
+                               " return item && new URLSearchParams(String(item.source.queryParams))"
+                               ".get('class') === cls; }",
                                arg=other, timeout=30_000)
         _wait_drawn(page)
         second = _shot(page, "class-second")
@@ -575,7 +583,8 @@ def test_page_asks_for_the_token_and_switches_class_maps(auth_server, truth, bro
         assert "sig" in query and "exp" in query and "authorization" not in request.headers, request.url
     classes = {parse_qs(urlsplit(r.url).query).get("class", [None])[0] for r in tiles if "heatmap_files" in r.url}
     assert {predicted, other} <= classes
-    tops = [parse_qs(urlsplit(r.url).query).get("class", [None])[0] for r in api if urlsplit(r.url).path.endswith("/top")]
+    tops = [parse_qs(urlsplit(r.url).query).get("class", [None])[0]
+            for r in api if urlsplit(r.url).path.endswith("/top")]
     assert tops[-1] == other  # the top-k list follows the chosen class's map
     assert not any(urlsplit(r.url).path.endswith("/events") for r in api)  # EventSource cannot send the header
     assert not watched.failed(since=answered), watched.failed(since=answered)

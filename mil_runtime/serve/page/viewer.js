@@ -73,7 +73,8 @@ async function api(path, { method = "GET", body } = {}) {
       sessionStorage.removeItem(TOKEN_KEY);
     }
     askToken(refused ? "That token was refused. Enter the access token again" : null);
-    throw new ApiError(response.status, 0, refused ? "the access token was refused" : "this server needs an access token");
+    const line = refused ? "the access token was refused" : "this server needs an access token";
+    throw new ApiError(response.status, 0, line);
   }
   if (!response.ok) {
     let code = 0;
@@ -364,7 +365,8 @@ function viewRegion() {
   const y0 = Math.max(0, Math.floor(view.y));
   const x1 = Math.min(size.x, Math.ceil(view.x + view.width));
   const y1 = Math.min(size.y, Math.ceil(view.y + view.height));
-  return { box: [x0, y0, x1, y1], geometry: { type: "Polygon", coordinates: [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]] } };
+  const ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]];
+  return { box: [x0, y0, x1, y1], geometry: { type: "Polygon", coordinates: [ring] } };
 }
 
 async function reaggregate(mode) {
@@ -628,7 +630,8 @@ async function runJob() {
   const body = { slide, model };
   if ($("run-roi").checked) {
     // only the region in view (of this slide): a GeoJSON polygon in level-0 px
-    if (!state.slideItem || state.slidePath !== new URL(resolve(state.slides.find((s) => s.path === slide).dzi)).pathname) {
+    const picked = state.slides.find((s) => s.path === slide);
+    if (!state.slideItem || !picked || state.slidePath !== new URL(resolve(picked.dzi)).pathname) {
       showError("open the slide first to run on the region in view");
       return;
     }
