@@ -606,9 +606,9 @@ def create_app(models: list[Path], slides_root: Path | None, *, state_dir: Path,
 
         raise InputNotFoundError(f"--slides {slides_root}: no such folder")
     auth = Auth(read_token(token_file) if token_file is not None else None)
-    entries = load_models([Path(m) for m in models], encoder_paths, device=device, encoder_nice=job_nice)
+    entries = load_models([Path(m) for m in models], encoder_paths, device=device)
     store = Store(Path(state_dir))
-    jobs = JobManager(store, entries, max_jobs=max_jobs, workers=workers, job_nice=job_nice)
+    jobs = JobManager(store, entries, max_jobs=max_jobs, workers=workers, job_nice=job_nice, device=device)
     service = Service(models=entries, slides_root=root, jobs=jobs, auth=auth, tiles=SlideTiles(tile_cache_mb),
                       overlay_cache_mb=overlay_cache_mb, max_upload_bytes=int(max_upload_mb * 2**20))
     if results_dir is not None:

@@ -5,8 +5,9 @@ of (slide identity, model, encoder, settings): a finished one (in memory, or a c
 STATE/results/<run key>) answers at once; a queued or running one is joined; otherwise a new one is
 queued. DELETE cancels one handle; the computation stops (at its next progress call, before anything
 is written) only when no handle wants it any more. The queue is bounded: more than `max_jobs` queued
-or running computations answer 503 with Retry-After. `workers` threads run computations, sharing the
-one loaded model and encoder per file (mil_runtime.serve.models).
+or running computations answer 503 with Retry-After. `workers` job processes (mil_runtime.serve.worker,
+spawned on first use, at CPU niceness `job_nice`) run computations, each loading a model and encoder
+file once; a dispatcher thread per process relays its progress and forwards cancels.
 """
 
 from __future__ import annotations
@@ -36,10 +37,6 @@ ACTIVE = (QUEUED, RUNNING)
 RETRY_AFTER_S = 5
 GEOJSON_FRAME = "level0"  # the service speaks level-0 px everywhere (ROI in, GeoJSON out, /at, /top)
 RESTARTED = "the server stopped while this job was queued or running; nothing of it was kept: submit it again"
-
-
-class JobCancelled(Exception):
-    """Raised from the progress hook when no handle wants the computation any more."""
 
 
 @dataclass
@@ -84,26 +81,70 @@ class Handle:
         return self.own_error if self.own_error is not None else (self.comp.error if not self.cancelled else None)
 
 
-JOB_NICE = 10  # job threads (and the tile readers they start) yield the CPU to tile requests
+JOB_NICE = 10  # job processes yield the CPU to tile requests
 
 
-def _lower_priority(nice: int) -> None:
-    """Lower this thread's CPU priority (Linux: nice is per thread and inherited by threads it starts)."""
-    if nice <= 0:
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    except (AttributeError, OSError):
-        pass
+class WorkerProcess:
+    """One spawned job process (mil_runtime.serve.worker), started on first use, restarted if it dies."""
+
+    def __init__(self, nice: int) -> None:
+        import multiprocessing
+
+        from mil_runtime.serve.worker import worker_main
+
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.cancel = context.Event()
+        self.process = context.Process(target=worker_main, args=(child, self.cancel, nice), daemon=True,
+                                       name="mil-serve-job")
+        self.process.start()
+        child.close()
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def run(self, task: dict, comp: "Computation") -> tuple:
+        """Send one task and relay its progress into `comp` until it ends; the final message."""
+        self.cancel.clear()
+        try:
+            self.conn.send(task)
+            while True:
+                if comp.cancel.is_set():
+                    self.cancel.set()
+                if not self.conn.poll(0.1):
+                    if not self.process.is_alive():
+                        raise EOFError
+                    continue
+                message = self.conn.recv()
+                if message[0] != "progress":
+                    return message
+                _, stage, done, total = message
+                comp.stage, comp.done, comp.total, comp.changed = stage, done, total, time.monotonic()
+        except (EOFError, OSError, BrokenPipeError):
+            return ("failed", 1, f"the job process stopped (exit code {self.process.exitcode}); submit the job again")
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(None)
+        except (OSError, BrokenPipeError):
+            pass
+        self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout=5)
 
 
 class JobManager:
     def __init__(self, store: Store, models: dict[str, ModelEntry], *, max_jobs: int = 8, workers: int = 1,
-                 tile_workers: int = 2, job_nice: int = JOB_NICE) -> None:
+                 tile_workers: int = 2, job_nice: int = JOB_NICE, device: str = "auto") -> None:
         self.store, self.models = store, models
         self.max_jobs, self.tile_workers = max(1, int(max_jobs)), tile_workers
         self.job_nice = int(job_nice)
-        self.batch_size = 64  # tiles per encoder batch, hence per progress report and cancel check
+        self.device = device
+        self.batch_size = 64
+        self.test_delay_s = 0.0  # tests: every encoder batch sleeps this long in the worker
+        self.runs = 0  # computations handed to a worker
+        self._processes: list[WorkerProcess] = []  # tiles per encoder batch, hence per progress report and cancel check
         self.handles: dict[str, Handle] = {}
         self.comps: dict[str, Computation] = {}
         self.lock = threading.RLock()
@@ -197,7 +238,8 @@ class JobManager:
 
     # -- running ------------------------------------------------------------------------------
     def _work(self) -> None:
-        _lower_priority(self.job_nice)
+        """One dispatcher thread per worker process: hand it a computation, relay its messages."""
+        process = None
         while not self._stop.is_set():
             try:
                 comp = self.queue.get(timeout=0.5)
@@ -207,41 +249,32 @@ class JobManager:
                 if comp.state != QUEUED or comp.cancel.is_set():
                     continue
                 comp.state, comp.stage, comp.changed = RUNNING, "starting", time.monotonic()
-            self._run(comp)
+            if process is None or not process.alive():
+                process = WorkerProcess(self.job_nice)
+                self._processes.append(process)
+            self.runs += 1
+            self._run(comp, process)
+        if process is not None:
+            process.stop()
 
-    def _run(self, comp: Computation) -> None:
-        from mil_runtime.outputs.writer import DEFAULT_OUTPUTS
-        from mil_runtime.pipeline import run_slide
-
+    def _task(self, comp: Computation) -> dict:
         model = self.models[comp.model_id]
+        return {"slide_path": str(comp.slide_path), "out_dir": str(comp.folder), "roi_path": comp.roi_path and str(comp.roi_path),
+                "model_path": str(model.path), "encoder_path": str(model.encoder.path), "device": self.device,
+                "geojson_frame": GEOJSON_FRAME, "tile_workers": self.tile_workers, "batch_size": self.batch_size,
+                "delay_s": self.test_delay_s}
 
-        def progress(stage: str, done: int, total: int) -> None:
-            if comp.cancel.is_set():
-                raise JobCancelled()
-            comp.stage, comp.done, comp.total, comp.changed = stage, int(done), int(total), time.monotonic()
-
-        try:
-            run_slide(comp.slide_path, model.runner, model.encoder, out_dir=comp.folder, outputs=list(DEFAULT_OUTPUTS),
-                      roi=comp.roi_path, geojson_frame=GEOJSON_FRAME, workers=self.tile_workers,
-                      batch_size=self.batch_size, on_progress=progress)
-        except JobCancelled:
+    def _run(self, comp: Computation, process: "WorkerProcess") -> None:
+        message = process.run(self._task(comp), comp)
+        kind = message[0]
+        if kind != "done":
             self.store.discard(comp.key)
-            with self.lock:
-                self._finish(comp, CANCELLED, "cancelled")
-            return
-        except MilkitError as exc:
-            self.store.discard(comp.key)
-            with self.lock:
-                self._finish(comp, FAILED, "failed", {"code": int(exc.exit_code), "line": one_line(exc)})
-            return
-        except Exception as exc:  # noqa: BLE001  (a job never takes the server down)
-            log.error("job %s failed with an unexpected %s", comp.key[:12], type(exc).__name__)
-            self.store.discard(comp.key)
-            with self.lock:
-                self._finish(comp, FAILED, "failed", {"code": 1, "line": f"unexpected {type(exc).__name__}: {one_line(exc)}"})
-            return
         with self.lock:
-            if self.store.complete(comp.folder, comp.stem) is None:
+            if kind == "cancelled":
+                self._finish(comp, CANCELLED, "cancelled")
+            elif kind == "failed":
+                self._finish(comp, FAILED, "failed", {"code": int(message[1]), "line": one_line(message[2])})
+            elif self.store.complete(comp.folder, comp.stem) is None:
                 self._finish(comp, FAILED, "failed", {"code": 7, "line": "the result set did not read complete"})
             else:
                 comp.done = comp.total
@@ -260,7 +293,9 @@ class JobManager:
                 if comp.state in ACTIVE:
                     comp.cancel.set()
         for thread in self._threads:
-            thread.join(timeout=10)
+            thread.join(timeout=15)
+        for process in self._processes:
+            process.stop()
 
     # -- persistence --------------------------------------------------------------------------
     def _save(self) -> None:

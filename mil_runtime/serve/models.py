@@ -1,5 +1,5 @@
-"""The models the server offers, each loaded once (one MILRunner and one encoder per file, shared by
-every worker: onnxruntime sessions are safe to run from several threads)."""
+"""The models the server offers, each loaded once per process (one MILRunner and one encoder per file;
+onnxruntime sessions are safe to run from several threads)."""
 
 from __future__ import annotations
 
@@ -46,36 +46,9 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", text)[:64] or "model"
 
 
-def _niced(load, nice: int):
-    """Run `load()` in a thread at CPU niceness `nice`: onnxruntime's thread pool, made by the session's
-    constructor, inherits it (Linux), so encoding for jobs yields the CPU to tile requests."""
-    if nice <= 0:
-        return load()
-    import threading
-
-    from mil_runtime.serve.jobs import _lower_priority
-
-    out: dict = {}
-
-    def run() -> None:
-        _lower_priority(nice)
-        try:
-            out["value"] = load()
-        except BaseException as exc:  # noqa: BLE001  (re-raised in the caller)
-            out["error"] = exc
-
-    thread = threading.Thread(target=run, name="mil-serve-load-encoder")
-    thread.start()
-    thread.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
-
-
-def load_models(paths: list[Path], encoder_paths: dict | None = None, device: str = "auto",
-                encoder_nice: int = 0) -> dict[str, ModelEntry]:
+def load_models(paths: list[Path], encoder_paths: dict | None = None, device: str = "auto") -> dict[str, ModelEntry]:
     """{id: ModelEntry}. Ids are the file stems, made unique with the sha256 where two files share one.
-    Encoders (used by jobs only) are loaded at CPU niceness `encoder_nice`; MIL models at the normal one."""
+    The server's process keeps the MIL models (re-aggregation, /v1/predict); job processes load their own."""
     from mil_runtime.encoder import find_encoder, load_encoder
     from mil_runtime.model import load_model
 
@@ -94,7 +67,7 @@ def load_models(paths: list[Path], encoder_paths: dict | None = None, device: st
             try:
                 where = find_encoder(path, runner.metadata, encoder_paths.get(str(path))).resolve()
                 if where not in encoders:
-                    encoders[where] = _niced(lambda: load_encoder(where, device=device), encoder_nice)
+                    encoders[where] = load_encoder(where, device=device)
                 encoder = encoders[where]
             except MilkitError as exc:
                 error = " ".join(str(exc).split())

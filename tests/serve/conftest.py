@@ -62,24 +62,7 @@ def wait_done(c, job_id: str, timeout: float = 60.0, headers=None) -> dict:
     raise AssertionError(f"job {job_id} did not finish in {timeout} s")
 
 
-class SlowEncoder:
-    """The demo encoder, `delay` seconds slower per batch: jobs that stay running long enough to test."""
-
-    def __init__(self, inner, delay: float = 0.15) -> None:
-        self.inner, self.delay, self.batches = inner, delay, 0
-
-    def encode(self, tiles):
-        self.batches += 1
-        time.sleep(self.delay)
-        return self.inner.encode(tiles)
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
-def slow_down(app, delay: float = 0.15, batch_size: int = 4) -> SlowEncoder:
-    service = app.state.service
-    entry = service.models["abmil_demo"]
-    entry.encoder = SlowEncoder(entry.encoder, delay)
-    service.jobs.batch_size = batch_size
-    return entry.encoder
+def slow_down(app, delay: float = 0.15, batch_size: int = 4) -> None:
+    """Jobs that stay running long enough to test: `delay` s per encoder batch of `batch_size` tiles."""
+    jobs = app.state.service.jobs
+    jobs.test_delay_s, jobs.batch_size = delay, batch_size

@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
+pytestmark = pytest.mark.slow  # two server processes and their job processes: ~10-15 s
 HERE = Path(__file__).resolve().parent
 JOB = {"slide": "sub/lesion.svs", "model": "abmil_demo"}
 
