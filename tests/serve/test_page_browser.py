@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import numpy as np
 import pytest
 
@@ -124,7 +125,7 @@ def server(truth, tmp_path_factory):
 
     root = truth.path.parents[1]
     app = create_app([MODEL], root, state_dir=tmp_path_factory.mktemp("state"))
-    _serve_helpers().slow_down(app, delay=0.1, batch_size=8)  # a job runs ~1 s: its progress can be seen
+    _serve_helpers().slow_down(app, delay=0.25, batch_size=8)  # a job runs ~2 s: progress and cancel can be seen
     with _Server(app) as running:
         yield running
 
@@ -473,6 +474,20 @@ def test_page_shows_attention_over_the_planted_lesions(server, truth, browser):
         page.wait_for_function("() => window.milkit.state.result !== null", timeout=60_000)
         roi_tiles = page.evaluate("() => window.milkit.state.result.n_instances")
         assert 0 < roi_tiles < n_tiles
+
+        # Cancel while it runs: the whole slide as the roi (another run key, every tile), cancelled mid-way
+        page.evaluate("() => window.milkit.viewer.viewport.goHome(true)")
+        previous = page.evaluate("() => window.milkit.state.job.id")
+        page.click("#run")
+        page.wait_for_function("(job) => window.milkit.state.job && window.milkit.state.job.id !== job",
+                               arg=previous)
+        page.wait_for_function("() => document.querySelector('#progress-text').textContent.startsWith('running')",
+                               timeout=60_000)
+        page.click("#cancel")
+        assert _wait_job(page).startswith("cancelled")
+        assert page.locator("#cancel").is_hidden()
+        cancelled = page.evaluate("() => window.milkit.state.job.id")
+        assert httpx.get(f"{origin}/v1/jobs/{cancelled}").json()["state"] == "cancelled"
         page.uncheck("#run-roi")
 
         # a job that fails (a slide without tissue) shows the runtime's code and line, and no stale overlay
