@@ -96,6 +96,7 @@ def milserve_server(root: Path, state: Path, port: int, cache_mb: float, overlay
 
     app = create_app([MODEL], root, state_dir=state, tile_cache_mb=cache_mb, overlay_cache_mb=overlay_mb,
                      job_nice=nice)
+    app.state.service.jobs.prestart()  # as mil-serve does
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 

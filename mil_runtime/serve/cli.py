@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     print(f"mil-serve: http://{args.host}:{args.port}/  (API under /v1, OpenAPI at /v1/openapi.json)",
           file=sys.stderr, flush=True)
+    app.state.service.jobs.prestart()  # job processes up and their models loaded before the first job
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)
     return 0

@@ -85,53 +85,81 @@ JOB_NICE = 10  # job processes yield the CPU to tile requests
 
 
 class WorkerProcess:
-    """One spawned job process (mil_runtime.serve.worker), started on first use, restarted if it dies."""
+    """One job process (`python -m mil_runtime.serve.worker`), started on first use, restarted if it dies."""
 
     def __init__(self, nice: int) -> None:
-        import multiprocessing
+        import subprocess
+        import sys
 
-        from mil_runtime.serve.worker import worker_main
+        self.process = subprocess.Popen([sys.executable, "-m", "mil_runtime.serve.worker", str(int(nice))],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        self._pending_preload = False
+        self._buffer = b""
 
-        context = multiprocessing.get_context("spawn")
-        self.conn, child = context.Pipe()
-        self.cancel = context.Event()
-        self.process = context.Process(target=worker_main, args=(child, self.cancel, nice), daemon=True,
-                                       name="mil-serve-job")
-        self.process.start()
-        child.close()
+    def _send(self, message: dict) -> None:
+        self.process.stdin.write((json.dumps(message) + "\n").encode())
+        self.process.stdin.flush()
+
+    def _receive(self, timeout: float) -> dict | None:
+        """The next message, or None when none came within `timeout` s; EOFError when the process is gone."""
+        import select
+
+        while b"\n" not in self._buffer:
+            ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+            if not ready:
+                return None
+            chunk = os.read(self.process.stdout.fileno(), 1 << 16)
+            if not chunk:
+                raise EOFError
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def preload(self, pairs: list[tuple[str, str]], device: str) -> None:
+        """Load these (model, encoder) files in the process before its first job (answer read by run)."""
+        self._send({"preload": pairs, "device": device})
+        self._pending_preload = True
 
     def alive(self) -> bool:
-        return self.process.is_alive()
+        return self.process.poll() is None
 
-    def run(self, task: dict, comp: "Computation") -> tuple:
+    def run(self, task: dict, comp: "Computation") -> dict:
         """Send one task and relay its progress into `comp` until it ends; the final message."""
-        self.cancel.clear()
         try:
-            self.conn.send(task)
+            while self._pending_preload:
+                message = self._receive(1.0)
+                if message is None and not self.alive():
+                    raise EOFError
+                self._pending_preload = message is None or message.get("kind") != "loaded"
+            self._send({"task": task})
+            cancelled = False
             while True:
-                if comp.cancel.is_set():
-                    self.cancel.set()
-                if not self.conn.poll(0.1):
-                    if not self.process.is_alive():
+                if comp.cancel.is_set() and not cancelled:
+                    self._send({"cancel": True})
+                    cancelled = True
+                message = self._receive(0.1)
+                if message is None:
+                    if not self.alive():
                         raise EOFError
                     continue
-                message = self.conn.recv()
-                if message[0] != "progress":
+                if message.get("kind") != "progress":
                     return message
-                _, stage, done, total = message
-                comp.stage, comp.done, comp.total, comp.changed = stage, done, total, time.monotonic()
-        except (EOFError, OSError, BrokenPipeError):
-            return ("failed", 1, f"the job process stopped (exit code {self.process.exitcode}); submit the job again")
+                comp.stage, comp.done, comp.total = message["stage"], message["done"], message["total"]
+                comp.changed = time.monotonic()
+        except (EOFError, OSError, ValueError):
+            return {"kind": "failed", "code": 1,
+                    "line": f"the job process stopped (exit code {self.process.poll()}); submit the job again"}
 
     def stop(self) -> None:
         try:
-            self.conn.send(None)
-        except (OSError, BrokenPipeError):
+            self.process.stdin.close()
+        except OSError:
             pass
-        self.process.join(timeout=5)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(timeout=5)
+        try:
+            self.process.wait(timeout=5)
+        except Exception:  # noqa: BLE001
+            self.process.kill()
+            self.process.wait(timeout=5)
 
 
 class JobManager:
@@ -150,8 +178,9 @@ class JobManager:
         self.lock = threading.RLock()
         self.queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._work, name=f"mil-serve-worker-{i}", daemon=True)
+        self._threads = [threading.Thread(target=self._work, args=(i,), name=f"mil-serve-worker-{i}", daemon=True)
                          for i in range(max(1, int(workers)))]
+        self._workers: list[WorkerProcess | None] = [None] * len(self._threads)
         self._restore()
         for thread in self._threads:
             thread.start()
@@ -237,9 +266,19 @@ class JobManager:
             self._save()
 
     # -- running ------------------------------------------------------------------------------
-    def _work(self) -> None:
+    def prestart(self) -> None:
+        """Start every job process now and load the models into it (mil-serve does; create_app alone
+        starts them at the first job)."""
+        preload = [(str(m.path), str(m.encoder.path)) for m in self.models.values() if m.encoder is not None]
+        with self.lock:
+            for i, process in enumerate(self._workers):
+                if process is None or not process.alive():
+                    self._workers[i] = WorkerProcess(self.job_nice)
+                    self._processes.append(self._workers[i])
+                    self._workers[i].preload(preload, self.device)
+
+    def _work(self, index: int) -> None:
         """One dispatcher thread per worker process: hand it a computation, relay its messages."""
-        process = None
         while not self._stop.is_set():
             try:
                 comp = self.queue.get(timeout=0.5)
@@ -249,13 +288,13 @@ class JobManager:
                 if comp.state != QUEUED or comp.cancel.is_set():
                     continue
                 comp.state, comp.stage, comp.changed = RUNNING, "starting", time.monotonic()
-            if process is None or not process.alive():
-                process = WorkerProcess(self.job_nice)
-                self._processes.append(process)
+            with self.lock:
+                process = self._workers[index]
+                if process is None or not process.alive():
+                    process = self._workers[index] = WorkerProcess(self.job_nice)
+                    self._processes.append(process)
             self.runs += 1
             self._run(comp, process)
-        if process is not None:
-            process.stop()
 
     def _task(self, comp: Computation) -> dict:
         model = self.models[comp.model_id]
@@ -266,14 +305,15 @@ class JobManager:
 
     def _run(self, comp: Computation, process: "WorkerProcess") -> None:
         message = process.run(self._task(comp), comp)
-        kind = message[0]
+        kind = message.get("kind")
         if kind != "done":
             self.store.discard(comp.key)
         with self.lock:
             if kind == "cancelled":
                 self._finish(comp, CANCELLED, "cancelled")
             elif kind == "failed":
-                self._finish(comp, FAILED, "failed", {"code": int(message[1]), "line": one_line(message[2])})
+                self._finish(comp, FAILED, "failed", {"code": int(message.get("code", 1)),
+                                                      "line": one_line(message.get("line", "failed"))})
             elif self.store.complete(comp.folder, comp.stem) is None:
                 self._finish(comp, FAILED, "failed", {"code": 7, "line": "the result set did not read complete"})
             else:

@@ -1,19 +1,30 @@
 """Job worker processes: `run_slide` away from the process that serves tiles.
 
-Each worker is a spawned process at CPU niceness `job_nice` (its onnxruntime and tile-reader threads
-included), so a running job neither holds the server's GIL nor takes the CPU from tile requests. It
-loads each model and encoder file once and keeps them for every later job (one loaded model per
-file per worker). It receives one task at a time over a pipe and answers with messages:
+    python -m mil_runtime.serve.worker NICE      (started by the server; JSON lines on stdin and stdout)
 
-    ("progress", stage, done, total) ... then ("done",) | ("failed", code, line) | ("cancelled",)
+Each worker is a child process at CPU niceness NICE (its onnxruntime and tile-reader threads included),
+so a running job neither holds the server's GIL nor takes the CPU from tile requests. It loads each
+model and encoder file once and keeps them for every later job (one loaded model per file per worker).
+A plain child process (not multiprocessing), so an application that embeds create_app needs no
+`if __name__ == "__main__"` guard. In (stdin), one JSON object a line:
 
-The server sets the worker's cancel event while a task that nobody wants any more is running; the
-progress hook raises at the next batch, before anything is written (the writer is all-or-nothing).
+    {"preload": [[model, encoder], ...], "device": ...}   ->  {"kind": "loaded"}
+    {"task": {...}}                                      ->  {"kind": "progress", "stage", "done", "total"} ...
+                                                             then {"kind": "done"} | {"kind": "failed",
+                                                             "code", "line"} | {"kind": "cancelled"}
+    {"cancel": true}                                     the running task stops at its next batch
+
+End of input (the server closed the pipe, or died) stops the worker at the next batch, before anything is
+written (the writer is all-or-nothing).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import queue
+import sys
+import threading
 import time
 from typing import Any
 
@@ -36,12 +47,37 @@ class _Delayed:
         return getattr(self.inner, name)
 
 
-def worker_main(conn, cancel, nice: int) -> None:
+def main(nice: int) -> int:
     if nice > 0:
         try:
             os.nice(nice)
         except OSError:
             pass
+    out = sys.stdout
+    sys.stdout = sys.stderr  # nothing else may write on the message channel
+    inbox: queue.Queue = queue.Queue()
+    cancel, gone = threading.Event(), threading.Event()
+
+    def read() -> None:
+        for line in sys.stdin:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if message.get("cancel"):
+                cancel.set()
+            else:
+                inbox.put(message)
+        gone.set()
+        cancel.set()
+        inbox.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+
+    def send(**message: Any) -> None:
+        out.write(json.dumps(message) + "\n")
+        out.flush()
+
     from mil_runtime.encoder import load_encoder
     from mil_runtime.errors import MilkitError
     from mil_runtime.model import load_model
@@ -57,17 +93,27 @@ def worker_main(conn, cancel, nice: int) -> None:
         return loaded[key]
 
     while True:
-        try:
-            task = conn.recv()
-        except (EOFError, OSError):
-            return
-        if task is None:
-            return
+        message = inbox.get()
+        if message is None:
+            return 0
+        if "preload" in message:
+            try:
+                for model_path, encoder_path in message["preload"]:
+                    get("model", model_path, message["device"])
+                    get("encoder", encoder_path, message["device"])
+            except Exception:  # noqa: BLE001  (the job that needs it reports the error)
+                pass
+            send(kind="loaded")
+            continue
+        task = message["task"]
+        cancel.clear()
+        if gone.is_set():
+            return 0
 
         def progress(stage: str, done: int, total: int) -> None:
             if cancel.is_set():
                 raise _Cancelled()
-            conn.send(("progress", stage, int(done), int(total)))
+            send(kind="progress", stage=stage, done=int(done), total=int(total))
 
         try:
             model = get("model", task["model_path"], task["device"])
@@ -77,14 +123,21 @@ def worker_main(conn, cancel, nice: int) -> None:
             run_slide(task["slide_path"], model, encoder, out_dir=task["out_dir"], outputs=list(DEFAULT_OUTPUTS),
                       roi=task["roi_path"], geojson_frame=task["geojson_frame"], workers=task["tile_workers"],
                       batch_size=task["batch_size"], on_progress=progress)
-            message = ("done",)
+            result = {"kind": "done"}
         except _Cancelled:
-            message = ("cancelled",)
+            result = {"kind": "cancelled"}
         except MilkitError as exc:
-            message = ("failed", int(exc.exit_code), " ".join(str(exc).split())[:500])
+            result = {"kind": "failed", "code": int(exc.exit_code), "line": " ".join(str(exc).split())[:500]}
         except Exception as exc:  # noqa: BLE001  (a job never takes the worker down)
-            message = ("failed", 1, f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())[:400]}")
+            result = {"kind": "failed", "code": 1,
+                      "line": f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())[:400]}"}
+        if gone.is_set():
+            return 0
         try:
-            conn.send(message)
+            send(**result)
         except (BrokenPipeError, OSError):
-            return
+            return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 0))

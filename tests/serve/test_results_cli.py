@@ -53,10 +53,13 @@ def test_cli_builds_the_app_and_binds_localhost(monkeypatch, slides_root, tmp_pa
 
     from mil_runtime.serve import cli
 
+    from mil_runtime.serve.jobs import JobManager
+
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    monkeypatch.setattr(JobManager, "prestart", lambda self: seen.update(prestarted=True))
     assert cli.main(["--model", str(DEMO_MODEL), "--slides", str(slides_root), "--state", str(tmp_path / "s")]) == 0
-    assert seen["host"] == "127.0.0.1" and seen["port"] == 8000
+    assert seen["host"] == "127.0.0.1" and seen["port"] == 8000 and seen["prestarted"]
     with TestClient(seen["app"]) as c:
         assert c.get("/v1/models").json()[0]["id"] == "abmil_demo"
     assert cli.main(["--model", str(DEMO_MODEL), "--slides", str(tmp_path / "missing")]) == 3
@@ -72,8 +75,11 @@ def test_demo_serves_the_demo_model_and_slides(monkeypatch, tmp_path):
     from mil_runtime.serve import cli
 
     monkeypatch.setattr(demo, "SYNTHETIC", {**demo.SYNTHETIC, "height": 1024, "width": 1024, "lesions": "random 1"})
+    from mil_runtime.serve.jobs import JobManager
+
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    monkeypatch.setattr(JobManager, "prestart", lambda self: None)
     assert cli.main(["--demo", "--state", str(tmp_path / "s"), "--port", "8123"]) == 0
     with TestClient(seen["app"]) as c:
         assert [m["id"] for m in c.get("/v1/models").json()] == ["abmil_demo"]
