@@ -480,7 +480,7 @@ function showProgress(job) {
   bar.hidden = !running && job.state !== "done";
   bar.max = Math.max(job.total || 0, 1);
   bar.value = job.state === "done" ? bar.max : Math.min(job.done || 0, bar.max);
-  const stage = job.stage ? ` · ${job.stage}` : "";
+  const stage = job.stage && job.stage !== job.state ? ` · ${job.stage}` : "";
   const count = job.total ? ` ${job.done || 0}/${job.total}` : "";
   $("progress-text").textContent = `${job.state}${stage}${running ? count : ""}`;
   $("cancel").hidden = !running;
