@@ -12,13 +12,15 @@ thread on 127.0.0.1, each on a free port.
   bearer header, loads tiles by signed URLs (renewed in place), and its class selector switches the map.
 - create_app mounted at /milkit, and --results (an earlier run's outputs browsed as jobs).
 Every request the browser makes outside 127.0.0.1:<port> is blocked and recorded: none may be attempted
-(no CDN). MILKIT_PAGE_SHOTS=DIR keeps the screenshots.
+(no CDN); a quick test (no browser) checks that the page's files name no other host.
+MILKIT_PAGE_SHOTS=DIR keeps the screenshots.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import socket
 import threading
@@ -30,10 +32,10 @@ import httpx
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow
 
 CHROMIUM = Path("/usr/bin/chromium")
 REPO = Path(__file__).resolve().parents[2]
+PAGE = REPO / "mil_runtime" / "serve" / "page"
 MODEL = REPO / "models" / "demo" / "abmil_demo.onnx"
 ENCODER = REPO / "models" / "demo" / "tiny_cnn.onnx"
 TOY_CLASSES = ["stroma", "tumor/high grade", "other"]  # a "/" must survive the class= query
@@ -55,7 +57,7 @@ def _missing(why: str) -> None:
     pytest.skip(why + "; set CI to make this a failure")
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def _requirements():
     # checked here, not at import: a quick run (-m "not slow") collects this file and must not fail on it
     if not CHROMIUM.exists():
@@ -201,7 +203,7 @@ def results_server(truth, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def browser(_requirements):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
@@ -328,6 +330,21 @@ class _Watched:
 
 
 # -- the tests -------------------------------------------------------------------------------------
+def test_page_files_name_nothing_outside_this_server():
+    """Quick (no browser): the page's own files load nothing from another host, only ./page/... files."""
+    html = (PAGE / "index.html").read_text()
+    for name in ("index.html", "viewer.js", "viewer.css"):
+        text = (PAGE / name).read_text()
+        assert not re.search(r"(?i)(?:https?:|wss?:)?//[a-z0-9.-]+\.[a-z]{2,}", text), name  # no host anywhere
+        assert "@import" not in text and "import(" not in text, name
+    sources = re.findall(r'<(?:script|link)\b[^>]*\b(?:src|href)="([^"]*)"', html)
+    assert sources and all(s == "data:," or s.startswith("page/") for s in sources), sources
+    assert "page/vendor/openseadragon/openseadragon.min.js" in sources
+    csp = re.search(r'http-equiv="Content-Security-Policy"\s+content="([^"]*)"', html).group(1)
+    assert "default-src 'self'" in csp and "connect-src 'self'" in csp and "http" not in csp
+
+
+@pytest.mark.slow
 def test_page_shows_attention_over_the_planted_lesions(server, truth, browser):
     watched = _Watched(browser, server.port)
     origin = watched.origin
@@ -514,6 +531,7 @@ def test_page_shows_attention_over_the_planted_lesions(server, truth, browser):
     assert not watched.failed(), watched.failed()
 
 
+@pytest.mark.slow
 def test_page_asks_for_the_token_and_switches_class_maps(auth_server, truth, browser):
     watched = _Watched(browser, auth_server.port)
     page = watched.page()
@@ -606,6 +624,7 @@ def test_page_asks_for_the_token_and_switches_class_maps(auth_server, truth, bro
     assert {status for _, status in watched.failed()} <= {401, 403}  # before the right token
 
 
+@pytest.mark.slow
 def test_page_works_where_create_app_is_mounted(mounted_server, browser):
     watched = _Watched(browser, mounted_server.port)
     page = watched.page()
@@ -636,6 +655,7 @@ def test_page_works_where_create_app_is_mounted(mounted_server, browser):
     assert not watched.failed(), watched.failed()
 
 
+@pytest.mark.slow
 def test_page_browses_finished_results(results_server, browser):
     watched = _Watched(browser, results_server.port)
     page = watched.page()
