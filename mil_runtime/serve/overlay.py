@@ -1,8 +1,8 @@
 """The attention overlay: RGBA Deep Zoom tiles on exactly the slide's Deep Zoom grid.
 
 Per job and colouring (class, norm, vmin, vmax, cmap), the tiles' attention is coloured once into a
-raster with one RGBA cell per level-0 tile-grid cell (stride = the model's tile stride; cells without
-a tile are transparent). A Deep Zoom tile is then a nearest-neighbour gather from that raster at the
+raster with one palette index per level-0 tile-grid cell (stride = the model's tile stride; cells
+without a tile are transparent; 255 colour steps of the colour map). A Deep Zoom tile is then a nearest-neighbour gather from that raster at the
 level-0 centres of its pixels: no per-tile colouring, so tiles are cheap and line up with the slide's
 own tiles pixel for pixel. Colouring reuses the output set's heatmap: percentile rank (norm=rank,
 the default, mil_runtime.outputs.heatmap.normalise) or linear between vmin and vmax (default: the
@@ -80,8 +80,29 @@ class Colouring:
         return np.clip((base - low) / span, 0.0, 1.0), low, high
 
 
+TRANSPARENT = 0  # palette index of "no tile here"
+LEVELS = 255  # colour steps of the overlay: palette indices 1..255 (PNG palettes hold 256 entries)
+
+
+def colour_positions(values: np.ndarray) -> np.ndarray:
+    """Palette indices 1..255 of values in [0, 1] (index 0 is transparent)."""
+    return 1 + np.rint(np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0) * (LEVELS - 1)).astype(np.int64)
+
+
+def palette(cmap: str) -> np.ndarray:
+    """(256, 3) uint8: entry 0 unused (transparent), entry i the colour map at (i - 1) / 254."""
+    lut = CMAPS[cmap]
+    table = np.zeros((256, 3), dtype=np.uint8)
+    table[1:] = lut[np.rint(np.arange(LEVELS) / (LEVELS - 1) * (len(lut) - 1)).astype(np.int64)]
+    return table
+
+
 class AttentionRaster:
-    """One job's attention on the level-0 tile grid, coloured once; serves overlay tiles."""
+    """One job's attention on the level-0 tile grid, coloured once; serves overlay tiles.
+
+    The raster holds a palette index per grid cell (0 = no tile: transparent); a tile is two `take`s
+    (rows, then columns) and a palette PNG with index 0 transparent, which browsers draw as RGBA.
+    """
 
     def __init__(self, xy_level0: np.ndarray, stride: int, values: np.ndarray, cmap: str,
                  width: int, height: int) -> None:
@@ -90,13 +111,13 @@ class AttentionRaster:
         self.grid = DeepZoomGrid(int(width), int(height))
         self.cols = max(1, -(-int(width) // self.stride))
         self.rows = max(1, -(-int(height) // self.stride))
-        rgba = np.zeros((self.rows + 1, self.cols + 1, 4), dtype=np.uint8)  # last row/col: transparent sentinel
-        colours = CMAPS[cmap][np.rint(np.asarray(values) * 255).astype(np.int64)]  # (N, 3)
+        index = np.zeros((self.rows + 1, self.cols + 1), dtype=np.uint8)  # last row/col: transparent sentinel
         gy, gx = xy[:, 1] // self.stride, xy[:, 0] // self.stride
         ok = (gy < self.rows) & (gx < self.cols)
-        rgba[gy[ok], gx[ok], :3] = colours[ok]
-        rgba[gy[ok], gx[ok], 3] = 255
-        self.rgba = rgba
+        index[gy[ok], gx[ok]] = colour_positions(np.asarray(values)[ok])
+        self.index = index
+        self.palette = palette(cmap)
+        self._palette_bytes = self.palette.tobytes()
         self.values = values
         self._empty: dict[tuple[int, int], bytes] = {}
 
@@ -113,32 +134,40 @@ class AttentionRaster:
         cy[cy >= self.rows] = self.rows
         return cy, cx
 
+    def tile_indices(self, level: int, col: int, row: int) -> np.ndarray | None:
+        found = self.cells(level, col, row)
+        if found is None:
+            return None
+        cy, cx = found
+        return self.index.take(cy, axis=0).take(cx, axis=1)  # (h, w) palette indices
+
     def tile_pixels(self, level: int, col: int, row: int) -> np.ndarray | None:
         """(h, w, 4) uint8 RGBA of one overlay tile; None when the grid has no such tile."""
-        found = self.cells(level, col, row)
-        if found is None:
+        indices = self.tile_indices(level, col, row)
+        if indices is None:
             return None
-        cy, cx = found
-        return self.rgba[cy[:, None], cx[None, :]]
+        rgba = np.zeros((*indices.shape, 4), dtype=np.uint8)
+        rgba[..., :3] = self.palette[indices]
+        rgba[..., 3] = np.where(indices == TRANSPARENT, 0, 255)
+        return rgba
 
     def tile_png(self, level: int, col: int, row: int) -> bytes | None:
-        found = self.cells(level, col, row)
-        if found is None:
+        indices = self.tile_indices(level, col, row)
+        if indices is None:
             return None
-        cy, cx = found
-        block = self.rgba[np.unique(cy)][:, np.unique(cx), 3]
-        if not block.any():  # nothing here: one cached transparent PNG per tile size
-            size = (len(cx), len(cy))
+        if not indices.any():  # nothing here: one cached transparent PNG per tile size
+            size = (indices.shape[1], indices.shape[0])
             if size not in self._empty:
-                self._empty[size] = encode_png(np.zeros((len(cy), len(cx), 4), dtype=np.uint8))
+                self._empty[size] = self._encode(indices)
             return self._empty[size]
-        return encode_png(self.rgba[cy[:, None], cx[None, :]])
+        return self._encode(indices)
 
-
-def encode_png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, "RGBA").save(buffer, "png", compress_level=1)
-    return buffer.getvalue()
+    def _encode(self, indices: np.ndarray) -> bytes:
+        image = Image.fromarray(np.ascontiguousarray(indices), "P")
+        image.putpalette(self._palette_bytes)
+        buffer = io.BytesIO()
+        image.save(buffer, "png", compress_level=1, transparency=TRANSPARENT)
+        return buffer.getvalue()
 
 
 def legend_png(colouring: Colouring, low: float, high: float, title: str) -> bytes:

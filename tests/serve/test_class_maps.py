@@ -62,9 +62,9 @@ def test_class_maps(toy):
 
         from PIL import Image
 
-        pixels = np.asarray(Image.open(BytesIO(png.content)))
+        pixels = np.asarray(Image.open(BytesIO(png.content)).convert("RGBA"))
         x0, y0 = (xy[i, 0] // 254) * 254 - (1 if xy[i, 0] // 254 else 0), (xy[i, 1] // 254) * 254 - (1 if xy[i, 1] // 254 else 0)
-        want = viridis_lut()[int(np.rint(normalise(weights)[i] * 255))]
+        want = viridis_lut()[int(np.rint(np.rint(normalise(weights)[i] * 254) / 254 * 255))]
         assert (pixels[xy[i, 1] + 128 - y0, xy[i, 0] + 128 - x0, :3] == want).all()
         tiles[name] = png.content
         assert c.get(f"{base}/legend.png", params={"class": name}).status_code == 200

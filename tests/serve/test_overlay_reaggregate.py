@@ -23,8 +23,8 @@ def _tiles(c, job):
 def _png(r) -> np.ndarray:
     assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
     image = Image.open(io.BytesIO(r.content))
-    assert image.mode == "RGBA"
-    return np.asarray(image)
+    assert image.mode in ("RGBA", "P")  # a palette PNG with a transparent index: browsers draw it as RGBA
+    return np.asarray(image.convert("RGBA"))
 
 
 def test_deepzoom_grid_is_deepzoomgenerators(slides_root):
@@ -50,7 +50,9 @@ def test_overlay_tile_is_the_attention_raster(done_client):
     _, xy, attention, size = _tiles(c, job)
     dzi = c.get(job["urls"]["heatmap_dzi"]).text
     assert 'Format="png"' in dzi and 'TileSize="254"' in dzi and 'Overlap="1"' in dzi and 'Width="2048"' in dzi
-    colours = viridis_lut()[np.rint(normalise(attention) * 255).astype(int)]
+    # the overlay has 255 colour steps (a PNG palette, index 0 transparent): step k is viridis at k / 254
+    lut = viridis_lut()
+    colours = lut[np.rint(np.rint(normalise(attention) * 254) / 254 * 255).astype(int)]
     grid = DeepZoomGrid(2048, 2048)
     finest = grid.level_count - 1
     checked = 0
