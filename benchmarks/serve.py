@@ -306,7 +306,7 @@ def main() -> None:
         print("overlay cold:", figures["overlay_cold"], flush=True)
         region = {"include": {"type": "Polygon", "coordinates": [[[-1, -1], [BAG_SIDE + 1, -1], [BAG_SIDE + 1, BAG_SIDE + 1], [-1, BAG_SIDE + 1], [-1, -1]]]}}
         times, server, serialised = [], [], []
-        for _ in range(6):
+        for _ in range(21):
             start = time.perf_counter()
             status, body, headers = request(conn, "POST", f"/v1/jobs/{job['id']}/reaggregate", json.dumps(region).encode(),
                                             {"Content-Type": "application/json"})
@@ -337,7 +337,7 @@ def main() -> None:
     figures["job_vs_run_slide"] = round(min(pairs["job_s"]) / min(pairs["run_slide_s"]), 3)
     features = read_feature_file(out / f"{Path(BAG_SLIDE).stem}.features.h5").features
     predict = []
-    for _ in range(6):
+    for _ in range(21):
         start = time.perf_counter()
         runner.predict(features)
         predict.append(time.perf_counter() - start)
