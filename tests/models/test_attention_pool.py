@@ -46,3 +46,20 @@ def test_padding_that_holds_nan_reaches_neither_the_logits_nor_the_weights():
     assert torch.isfinite(fused).all() and torch.isfinite(weights).all()
     torch.testing.assert_close(fused, clean, rtol=0, atol=0)
     torch.testing.assert_close(weights, clean_weights, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_under_bf16_autocast_both_paths_agree_with_float32_to_bf16_precision(gated):
+    torch.manual_seed(2)
+    pool, linear = AttentionPool(64, 16, "tanh", gated), torch.nn.Linear(64, 2)
+    H = torch.randn(1, 300, 64)
+    mask = torch.ones(1, 300, dtype=torch.bool)
+    exact, exact_weights = pool.pool_linear(H, mask, linear)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, weights = pool.pool_linear(H, mask, linear)
+        pooled, plain_weights = pool(H, mask)
+        plain = linear(pooled)
+    for got in (fused, plain):
+        torch.testing.assert_close(got.float(), exact, atol=0.03, rtol=0.03)
+    for got in (weights, plain_weights):
+        torch.testing.assert_close(got.float(), exact_weights, atol=2e-3, rtol=0.05)
