@@ -417,16 +417,9 @@ def prediction_body(prediction, xy: np.ndarray | None, n: int) -> dict[str, Any]
 def region_polygons(geojson: Any) -> list:
     """[(exterior, holes)] level-0 rings of a GeoJSON region, parsed as `--roi` files are
     (mil_runtime.slide.regions, frame level0), without a file: InvalidInputError when it has no polygon."""
-    from mil_runtime.slide.regions import _features, _geometries, _polygon
+    from mil_runtime.slide.regions import geojson_polygons
 
-    polygons = []
-    for feature in _features(geojson):
-        for geometry in _geometries(feature.get("geometry")):
-            kind = geometry.get("type")
-            if kind == "Polygon":
-                polygons.append(_polygon(geometry.get("coordinates"), (0, 0), "region"))
-            elif kind == "MultiPolygon":
-                polygons.extend(_polygon(p, (0, 0), "region") for p in geometry.get("coordinates") or [])
+    polygons, _ = geojson_polygons(geojson, (0, 0), "region")
     if not polygons:
         raise InvalidInputError("region: no Polygon or MultiPolygon in it (level-0 px GeoJSON)")
     return polygons

@@ -137,6 +137,25 @@ def _polygon(rings: Any, offset: tuple[int, int], source: str) -> Polygon:
     return exterior, holes
 
 
+def geojson_polygons(document: Any, offset: tuple[int, int] = (0, 0),
+                     source: str = "region") -> tuple[list[Polygon], set[str]]:
+    """The (exterior, holes) polygons of a GeoJSON document (FeatureCollection, Feature, geometry or a
+    list of them), shifted by `offset`, and the geometry types skipped for enclosing no area.
+    InvalidInputError, naming `source`, for a malformed ring."""
+    polygons: list[Polygon] = []
+    skipped: set[str] = set()
+    for feature in _features(document):
+        for geometry in _geometries(feature.get("geometry")):
+            kind = geometry.get("type")
+            if kind == "Polygon":
+                polygons.append(_polygon(geometry.get("coordinates"), offset, source))
+            elif kind == "MultiPolygon":
+                polygons.extend(_polygon(p, offset, source) for p in geometry.get("coordinates") or [])
+            elif kind:
+                skipped.add(str(kind))
+    return polygons, skipped
+
+
 def read_regions(path: str | os.PathLike, frame: str = "bounds", offset: tuple[int, int] = (0, 0)) -> Regions:
     """Polygons of a GeoJSON file in level-0 px. `offset`: the slide's bounds, added when frame="bounds"."""
     path = Path(path)
@@ -150,17 +169,7 @@ def read_regions(path: str | os.PathLike, frame: str = "bounds", offset: tuple[i
     except ValueError as exc:
         raise InvalidInputError(f"--roi {path}: not JSON ({exc}); export the annotations from QuPath as GeoJSON") from None
     shift = offset if frame == "bounds" else (0, 0)
-    polygons: list[Polygon] = []
-    skipped: set[str] = set()
-    for feature in _features(document):
-        for geometry in _geometries(feature.get("geometry")):
-            kind = geometry.get("type")
-            if kind == "Polygon":
-                polygons.append(_polygon(geometry.get("coordinates"), shift, f"--roi {path}"))
-            elif kind == "MultiPolygon":
-                polygons.extend(_polygon(p, shift, f"--roi {path}") for p in geometry.get("coordinates") or [])
-            elif kind:
-                skipped.add(str(kind))
+    polygons, skipped = geojson_polygons(document, shift, f"--roi {path}")
     if not polygons:
         raise InvalidInputError(
             f"--roi {path}: no Polygon or MultiPolygon in it; draw the regions as areas in QuPath and export "
@@ -170,4 +179,4 @@ def read_regions(path: str | os.PathLike, frame: str = "bounds", offset: tuple[i
     return Regions(polygons, path, hashlib.sha256(raw).hexdigest(), frame, tuple(int(v) for v in shift), warnings)
 
 
-__all__ = ["FRAMES", "Regions", "bounds_offset", "find_roi_file", "read_regions"]
+__all__ = ["FRAMES", "Regions", "bounds_offset", "find_roi_file", "geojson_polygons", "read_regions"]
