@@ -98,3 +98,13 @@ def test_two_files_of_one_architecture_get_distinct_ids(slides_root, tmp_path):
     with TestClient(app) as c:
         ids = [m["id"] for m in c.get("/v1/models").json()]
         assert len(ids) == 2 and len(set(ids)) == 2
+
+
+def test_a_usage_error_is_one_line_and_exit_2(capsys):
+    from mil_runtime.serve import cli
+
+    assert cli.main(["--no-such-option"]) == 2
+    assert cli.main(["--port", "many"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("mil-serve: error:") and "mil-serve --help" in line for line in lines)
+    assert cli.main(["--help"]) == 0 and "--token-file" in capsys.readouterr().out
