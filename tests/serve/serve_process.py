@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import uvicorn  # noqa: E402
 
-from conftest import make_app, slow_down  # noqa: E402
+from serve_helpers import make_app, slow_down  # noqa: E402
 
 if __name__ == "__main__":
     root, state, port = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])

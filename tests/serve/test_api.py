@@ -9,7 +9,7 @@ import pytest
 from openslide import OpenSlide
 from openslide.deepzoom import DeepZoomGenerator
 
-from conftest import DEMO_MODEL, LESION, wait_done
+from serve_helpers import DEMO_MODEL, LESION, wait_done
 
 
 def test_models_and_slides(client):

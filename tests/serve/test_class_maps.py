@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import DEMO_MODEL, wait_done
+from serve_helpers import DEMO_MODEL, wait_done
 
 pytestmark = pytest.mark.slow
 CLASSES = ["benign", "tumor", "necrosis"]

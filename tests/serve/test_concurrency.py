@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import DEMO_MODEL, make_app
+from serve_helpers import DEMO_MODEL, make_app
 
 pytestmark = pytest.mark.slow
 CLIENTS, ROUNDS = 16, 12

@@ -7,7 +7,7 @@ import time
 
 from fastapi.testclient import TestClient
 
-from conftest import make_app, slow_down, wait_done
+from serve_helpers import make_app, slow_down, wait_done
 
 import pytest
 

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from conftest import TOKEN, make_app
+from serve_helpers import TOKEN, make_app
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 

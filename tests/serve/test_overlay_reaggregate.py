@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import DEMO_MODEL, LESION
+from serve_helpers import DEMO_MODEL, LESION
 from mil_runtime.outputs.colormap import viridis_lut
 from mil_runtime.outputs.heatmap import normalise
 from mil_runtime.serve.tiles import DeepZoomGrid

@@ -111,23 +111,15 @@ def truth(tmp_path_factory):
                                  tissue=0.6, seed=11)
 
 
-def _serve_helpers():
-    """tests/serve/conftest.py as a module (its slow_down), loaded by path: `conftest` is ambiguous here."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("serve_conftest_for_page", Path(__file__).with_name("conftest.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def server(truth, tmp_path_factory):
     from mil_runtime.serve import create_app
 
     root = truth.path.parents[1]
     app = create_app([MODEL], root, state_dir=tmp_path_factory.mktemp("state"))
-    _serve_helpers().slow_down(app, delay=0.25, batch_size=8)  # a job runs ~2 s: progress and cancel can be seen
+    from serve_helpers import slow_down
+
+    slow_down(app, delay=0.25, batch_size=8)  # a job runs ~2 s: progress and cancel can be seen
     with _Server(app) as running:
         yield running
 

@@ -7,7 +7,7 @@ import shutil
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import DEMO_MODEL, make_app
+from serve_helpers import DEMO_MODEL, make_app
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ EXAMPLES = 20
 def api(slides_root, tmp_path_factory):
     from fastapi.testclient import TestClient
 
-    from conftest import make_app, wait_done
+    from serve_helpers import make_app, wait_done
 
     app = make_app(slides_root, tmp_path_factory.mktemp("state"), max_jobs=4)
     with TestClient(app) as c:

@@ -8,7 +8,7 @@ import os
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import TOKEN, make_app, wait_done
+from serve_helpers import TOKEN, make_app, wait_done
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
