@@ -48,6 +48,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # benchmarks/machine_info.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine_info import cpu_model, package_version, usable_cores  # noqa: E402
+
 IN_DIM = 1024
 DEFAULT_SIZES = (1_000, 10_000, 50_000)
 VARIANTS = ("torchmil", "milkit", "ort_predict", "ort_session")
@@ -65,28 +69,8 @@ PAUSE_S = 0.05  # idle time before each timed call: the previous library's worke
 # -- the machine --------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def package_version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "not installed"
-
-
 def machine() -> str:
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{cpu_model()}, {os.cpu_count()} cores ({usable} usable by this process), {platform.system()} "
+    return (f"{cpu_model()}, {os.cpu_count()} cores ({usable_cores()} usable by this process), {platform.system()} "
             f"{platform.release()}, Python {platform.python_version()}, torch {package_version('torch')}, "
             f"onnxruntime {package_version('onnxruntime')}, torchmil {package_version('torchmil')}; "
             f"{os.cpu_count()} torch and onnxruntime intra-op threads")
