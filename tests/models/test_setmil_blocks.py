@@ -323,6 +323,7 @@ def test_sparse_coordinates_make_empty_cells_tokens_as_torchmil():
     torch.testing.assert_close(out.attention, expected_attention, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # a deep export, 13 s on 2 cores
 def test_deep_pmf_config_exports_and_matches_eager(tmp_path):
     from mil_export import export_onnx
     from mil_runtime.session import open_session
