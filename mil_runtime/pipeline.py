@@ -223,6 +223,16 @@ def encode_tiles(slide_path: Path, plan: GridPlan, xy: np.ndarray, encoder: Any,
     return features
 
 
+def default_outputs(slide_path: str | os.PathLike) -> tuple[str, ...]:
+    """The outputs a slide gets when none are chosen: DEFAULT_OUTPUTS, plus "dicom" for a DICOM input
+    when the milkit[dicom] extra is installed (without it the default leaves DICOM out)."""
+    from mil_runtime.slide.dicom import is_dicom_input
+
+    if is_dicom_input(Path(slide_path)) and _dicom_extra_installed():
+        return parse_outputs([*DEFAULT_OUTPUTS, "dicom"])
+    return parse_outputs(None)
+
+
 def _choose_outputs(slide_path: Path, outputs: Any, writing: bool) -> tuple[tuple[str, ...], Any]:
     """The output names of this slide, and the DICOM source's identity when "dicom" is among them.
 
@@ -231,13 +241,10 @@ def _choose_outputs(slide_path: Path, outputs: Any, writing: bool) -> tuple[tupl
     """
     from mil_runtime.slide.dicom import is_dicom_input
 
-    dicom_input = is_dicom_input(slide_path)
-    chosen = parse_outputs(outputs)
-    if outputs is None and dicom_input and _dicom_extra_installed():
-        chosen = parse_outputs([*DEFAULT_OUTPUTS, "dicom"])
+    chosen = default_outputs(slide_path) if outputs is None else parse_outputs(outputs)
     if "dicom" not in chosen or not writing:
         return chosen, None
-    if not dicom_input:
+    if not is_dicom_input(slide_path):
         raise InvalidInputError(
             f"{slide_path}: --outputs dicom needs a DICOM input (a DICOM WSI series folder or instance); "
             "leave dicom out of --outputs for other slides"

@@ -89,6 +89,7 @@ class Service:
             "legend": self.auth.sign(f"{base}/legend", ".png", root=root),
             **{key: f"{root}{base}/{name}" for key, name in (
                 ("result", "result"), ("geojson", "geojson"), ("csv", "csv"), ("features", "features.h5"),
+                ("dsa", "dsa.json"), ("dicom_annotations", "annotations.dcm"), ("dicom_attention", "attention.dcm"),
                 ("events", "events"), ("view", "view"))},
         }
         return {"id": handle.id, "state": state, "stage": comp.stage if state != CANCELLED else "cancelled",
@@ -284,6 +285,18 @@ def build_router(service: Service) -> APIRouter:
     @api.get("/jobs/{job_id}/features.h5")
     def features(job_id: str) -> FileResponse:
         return _member(job_id, ".features.h5", "application/x-hdf5")
+
+    @api.get("/jobs/{job_id}/dsa.json")
+    def dsa(job_id: str) -> FileResponse:
+        return _member(job_id, ".dsa.json", "application/json")
+
+    @api.get("/jobs/{job_id}/annotations.dcm", responses={200: {"content": {"application/dicom": {}}}})
+    def dicom_annotations(job_id: str) -> FileResponse:
+        return _member(job_id, ".annotations.dcm", "application/dicom")
+
+    @api.get("/jobs/{job_id}/attention.dcm", responses={200: {"content": {"application/dicom": {}}}})
+    def dicom_attention(job_id: str) -> FileResponse:
+        return _member(job_id, ".attention.dcm", "application/dicom")
 
     @api.get("/jobs/{job_id}/heatmap.dzi", responses={200: {"content": {"application/xml": {}}}})
     def heatmap_dzi(job_id: str, cls: str | None = Query(None, alias="class", max_length=200),

@@ -35,6 +35,16 @@ log = logging.getLogger("mil_runtime.serve")
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 ACTIVE = (QUEUED, RUNNING)
 RETRY_AFTER_S = 5
+def job_outputs(slide_path: Path) -> tuple[str, ...]:
+    """What a job writes: mil-infer's default set for the slide (with the DICOM objects for a DICOM input,
+    mil_runtime.pipeline.default_outputs) plus the Digital Slide Archive annotation, so that every viewer's
+    file can be fetched from a finished job."""
+    from mil_runtime.outputs.writer import parse_outputs
+    from mil_runtime.pipeline import default_outputs
+
+    return parse_outputs([*default_outputs(slide_path), "dsa"])
+
+
 GEOJSON_FRAME = "level0"  # the service speaks level-0 px everywhere (ROI in, GeoJSON out, /at, /top)
 RESTARTED = "the server stopped while this job was queued or running; nothing of it was kept: submit it again"
 
@@ -187,13 +197,12 @@ class JobManager:
 
     # -- submitting ---------------------------------------------------------------------------
     def run_key(self, slide_path: Path, model: ModelEntry, roi_path: Path | None) -> str:
-        from mil_runtime.outputs.writer import DEFAULT_OUTPUTS
         from mil_runtime.run_key import compute_run_key, file_sha256, run_settings
         from mil_runtime.slide.tissue import TISSUE_THRESHOLD
 
         roi_sha = file_sha256(roi_path) if roi_path is not None else None
         settings = run_settings(mpp_override=None, tissue_threshold=TISSUE_THRESHOLD, roi_sha256=roi_sha,
-                                roi_frame=GEOJSON_FRAME if roi_sha else None, outputs=list(DEFAULT_OUTPUTS),
+                                roi_frame=GEOJSON_FRAME if roi_sha else None, outputs=list(job_outputs(slide_path)),
                                 geojson_frame=GEOJSON_FRAME)
         return compute_run_key(slide_path, model_sha256=model.sha256, encoder_sha256=model.encoder.sha256,
                                settings=settings)
@@ -300,7 +309,7 @@ class JobManager:
         model = self.models[comp.model_id]
         return {"slide_path": str(comp.slide_path), "out_dir": str(comp.folder), "roi_path": comp.roi_path and str(comp.roi_path),
                 "model_path": str(model.path), "encoder_path": str(model.encoder.path), "device": self.device,
-                "geojson_frame": GEOJSON_FRAME, "tile_workers": self.tile_workers, "batch_size": self.batch_size,
+                "outputs": list(job_outputs(comp.slide_path)), "geojson_frame": GEOJSON_FRAME, "tile_workers": self.tile_workers, "batch_size": self.batch_size,
                 "delay_s": self.test_delay_s}
 
     def _run(self, comp: Computation, process: "WorkerProcess") -> None:

@@ -64,12 +64,15 @@ def resolve_slide(root: Path | None, rel: str) -> Path:
 
 
 def list_slides(root: Path | None) -> list[str]:
-    """Relative paths (with '/') of the slide files under ROOT, sorted; symlinks leaving ROOT are skipped."""
+    """Relative paths (with '/') of the slides under ROOT, sorted: slide files, and each folder holding
+    .dcm files as one slide (a DICOM WSI series, as mil-infer takes it); symlinks leaving ROOT are skipped."""
     if root is None:
         return []
     found = []
     for folder, dirs, files in os.walk(root, followlinks=False):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and inside(root, Path(folder) / d))
+        if Path(folder) != root and any(n.lower().endswith(".dcm") and not n.startswith(".") for n in files):
+            found.append(Path(folder).relative_to(root).as_posix())
         for name in files:
             path = Path(folder) / name
             if name.startswith(".") or path.suffix.lower() not in SLIDE_SUFFIXES or path.suffix.lower() == ".dcm":

@@ -132,8 +132,11 @@ class SlideTiles:
         from openslide.deepzoom import DeepZoomGenerator
 
         from mil_runtime.errors import SlideReadError
+        from mil_runtime.slide.dicom import resolve_dicom_input
 
-        stat = os.stat(path)
+        # A DICOM series (its folder, or any .dcm of it) opens as its level-0 instance, as mil-infer opens it
+        source = resolve_dicom_input(path) if path.is_dir() or path.suffix.lower() == ".dcm" else path
+        stat = os.stat(source)
         identity = f"{stat.st_size}:{stat.st_mtime_ns}"
         with self._lock:
             found = self._open.get(path)
@@ -141,7 +144,7 @@ class SlideTiles:
                 self._open.move_to_end(path)
                 return found
         try:
-            slide = OpenSlide(str(path))
+            slide = OpenSlide(str(source))
         except (OpenSlideError, OpenSlideUnsupportedFormatError, OSError) as exc:
             raise SlideReadError(f"{path.name}: OpenSlide cannot open it ({' '.join(str(exc).split())[:200]})") from None
         opened = OpenedSlide(path, slide, DeepZoomGenerator(slide, TILE_SIZE, OVERLAP, limit_bounds=False), identity)

@@ -81,7 +81,6 @@ def main(nice: int) -> int:
     from mil_runtime.encoder import load_encoder
     from mil_runtime.errors import MilkitError
     from mil_runtime.model import load_model
-    from mil_runtime.outputs.writer import DEFAULT_OUTPUTS
     from mil_runtime.pipeline import run_slide
 
     loaded: dict[tuple, Any] = {}
@@ -120,7 +119,7 @@ def main(nice: int) -> int:
             encoder = get("encoder", task["encoder_path"], task["device"])
             if task.get("delay_s"):
                 encoder = _Delayed(encoder, float(task["delay_s"]))
-            run_slide(task["slide_path"], model, encoder, out_dir=task["out_dir"], outputs=list(DEFAULT_OUTPUTS),
+            run_slide(task["slide_path"], model, encoder, out_dir=task["out_dir"], outputs=task["outputs"],
                       roi=task["roi_path"], geojson_frame=task["geojson_frame"], workers=task["tile_workers"],
                       batch_size=task["batch_size"], on_progress=progress)
             result = {"kind": "done"}

@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -275,3 +276,47 @@ def test_mil_infer_writes_both_dicom_objects_into_the_set(dicom_wsi, tmp_path, g
                 assert corners == [(x, y), (x + size, y), (x + size, y + size), (x, y + size)]
                 values = {m.code.meaning: m.value for m in polygon.measurements}
                 assert np.float32(values["attention"]) == np.float32(weight)
+
+
+@pytest.mark.slow  # a service, a job process and a DICOM series: ~10 s
+def test_a_service_job_on_a_dicom_series_serves_both_objects(dicom_wsi, tmp_path):
+    """mil-serve on a slides folder holding a DICOM series: the job writes the same two objects as
+    mil-infer (hashed members of its set), served at the job's dicom urls; read back with highdicom,
+    every tile's attention is the job record's."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from mil_runtime.serve import create_app
+
+    root = tmp_path / "slides"
+    shutil.copytree(dicom_wsi.folder, root / "case7")
+    app = create_app([DEMO_MODEL], root, state_dir=tmp_path / "state")
+    with TestClient(app) as client:
+        (slide,) = client.get("/v1/slides").json()  # the series folder is one slide
+        assert slide["path"] == "case7" and (slide["width"], slide["height"]) == (SLIDE_PX, SLIDE_PX)
+        dzi = client.get(slide["dzi"])
+        assert dzi.status_code == 200 and 'TileSize="254"' in dzi.text
+        job = client.post("/v1/jobs", json={"slide": "case7", "model": "abmil_demo"}).json()
+        deadline = time.monotonic() + 120
+        while job["state"] in ("queued", "running") and time.monotonic() < deadline:
+            time.sleep(0.1)
+            job = client.get(f"/v1/jobs/{job['id']}").json()
+        assert job["state"] == "done", job
+        record = client.get(job["urls"]["result"]).json()
+        for kind, suffix in (("dicom_annotations", ".annotations.dcm"), ("dicom_attention", ".attention.dcm")):
+            r = client.get(job["urls"][kind])
+            assert r.status_code == 200 and r.headers["content-type"] == "application/dicom"
+            assert record["output_set"]["files"][f"case7{suffix}"] == hashlib.sha256(r.content).hexdigest()
+            (tmp_path / f"case7{suffix}").write_bytes(r.content)
+    tiles = record["tiles"]
+    xy = np.array([[t["x"], t["y"]] for t in tiles], dtype=np.int64)
+    attention = np.array([t["attention"] for t in tiles], dtype=np.float32)
+    annotations, pm = _read(tmp_path / "case7.annotations.dcm", tmp_path / "case7.attention.dcm")
+    measured = _measurements(_group(annotations))
+    assert np.array_equal(measured["attention"], attention)
+    _check_references(annotations, dicom_wsi, expect_all_levels=False)
+    import pydicom
+
+    level0 = pydicom.dcmread(dicom_wsi.files[0], stop_before_pixels=True)
+    at_tiles, _ = _map_values_at_tiles(pm, level0, xy, int(record["tiling"]["tile_level0"]))
+    assert np.array_equal(at_tiles.astype(np.float32), attention)

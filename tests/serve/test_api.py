@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from io import BytesIO
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,6 +67,31 @@ def test_job_runs_and_serves_every_output(done_client):
         r = c.get(job["urls"][kind])
         assert r.status_code == 200 and len(r.content) > 100, kind
     assert c.get(job["urls"]["legend"]).headers["content-type"] == "image/png"
+
+
+def test_job_serves_the_dsa_annotation_of_its_set(done_client):
+    """The job's `<stem>.dsa.json` is a hashed member of its set (the record names its sha256), a griddata
+    heatmap whose cell under each tile's centre is the record's attention; an SVS set has no DICOM objects."""
+    import hashlib
+
+    c, job = done_client
+    record = c.get(job["urls"]["result"]).json()
+    r = c.get(job["urls"]["dsa"])
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    assert record["output_set"]["files"][f"{Path(record['input']['path']).stem}.dsa.json"] == \
+        hashlib.sha256(r.content).hexdigest()
+    (element,) = r.json()["elements"]
+    assert element["type"] == "griddata" and element["interpretation"] == "heatmap"
+    values = np.asarray(element["values"]).reshape(-1, element["gridWidth"])  # value i at origin + d * (col, row)
+    size = record["tiling"]["tile_level0"]
+    for tile in record["tiles"]:
+        col = round((tile["x"] + size / 2 - element["origin"][0]) / element["dx"])
+        row = round((tile["y"] + size / 2 - element["origin"][1]) / element["dy"])
+        assert values[row, col] == tile["attention"]
+    assert np.count_nonzero(values) == len(record["tiles"])
+    for kind, name in (("dicom_annotations", "annotations.dcm"), ("dicom_attention", "attention.dcm")):
+        missing = c.get(job["urls"][kind])
+        assert missing.status_code == 404 and f"no {name} file" in missing.json()["error"]["line"]
 
 
 def test_repeated_job_is_served_from_the_finished_result(done_client):
