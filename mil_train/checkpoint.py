@@ -3,8 +3,10 @@
 Layout: {"format": "milkit-checkpoint", "format_version": 1, "model_name": str, "config": dict,
          "state_dict": dict[str, Tensor], "class_names": list[str] | None,
          "encoder": dict | None, "tiling": dict | None, "provenance": dict,
-         "feature_stats": dict | None}   (the training features' statistics, mil_train.feature_stats;
+         "feature_stats": dict | None,   (the training features' statistics, mil_train.feature_stats;
                                           absent in older checkpoints)
+         "training_state": dict}         (only in the Trainer's last checkpoint, what resuming needs:
+                                          optimizer, RNG and loader states, history, best weights)
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def save_checkpoint(
     tiling: dict[str, Any] | None = None,
     provenance: dict[str, Any] | None = None,
     feature_stats: dict[str, Any] | None = None,
+    training_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write atomically (temp file, then rename) so a crash never leaves half a checkpoint."""
     path = Path(path)
@@ -45,17 +48,25 @@ def save_checkpoint(
         "provenance": provenance or {},
         "feature_stats": feature_stats,
     }
+    if training_state is not None:
+        payload["training_state"] = training_state
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
     return path
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[MILModel, dict[str, Any]]:
-    """Rebuild the model by registry name and load its weights; returns (model in eval mode, payload)."""
+def load_checkpoint_payload(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's dict, read with `weights_only=True`, without building the model."""
     payload = torch.load(Path(path), map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a milkit checkpoint (save it with mil_train.save_checkpoint)")
+    return payload
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[MILModel, dict[str, Any]]:
+    """Rebuild the model by registry name and load its weights; returns (model in eval mode, payload)."""
+    payload = load_checkpoint_payload(path)
     model = create_model(payload["model_name"], **payload["config"])
     model.load_state_dict(payload["state_dict"])
     model.eval()

@@ -38,9 +38,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mil_train import distributed as dist_utils
-from mil_train.checkpoint import save_checkpoint
+from mil_train.checkpoint import load_checkpoint_payload, save_checkpoint
+from mil_train.loggers import log_all
 from mil_train.metrics import METRIC_NAMES, classification_metrics
 from mil_train.models.base import MILModel
+from mil_train.sampling import class_weighted
+from mil_train.schedules import LossWeightSchedule, weight_at
 
 OptimizerArg = torch.optim.Optimizer | Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer] | None
 SchedulerArg = Any  # an LR scheduler instance, or a callable optimizer -> scheduler
@@ -121,8 +124,17 @@ class Trainer:
         optimizer: an optimizer instance over `model`'s parameters, or a callable params -> optimizer.
         scheduler: an LR scheduler instance or a callable optimizer -> scheduler; stepped once per
             epoch (ReduceLROnPlateau with the monitored value).
-        loss_weights: weight per loss-term name; terms not listed weigh 1. A name that the model's
-            `compute_loss` does not return raises UnknownLossTermError after the first training batch.
+        loss_weights: weight per loss-term name, a number or a `mil_train.schedules.LossWeightSchedule`
+            over optimizer steps (each epoch's row then logs the weight at its end as weight_<name>);
+            terms not listed weigh 1. A name that the model's `compute_loss` does not return raises
+            UnknownLossTermError after the first training batch.
+        class_weights: one weight per class (mil_train.sampling.auto_class_weights): in training, each
+            bag's classification loss is multiplied by its class's weight; None (default) weighs all 1.
+        logger: an object with `.log(metrics: dict, step: int)`, or a list of them (mil_train.loggers):
+            each gets every epoch's row with step = the epoch.
+        last_checkpoint_path: where the state after each epoch is saved (the last weights, optimizer,
+            LR scheduler, RNG and shuffling state, history, best weights): `fit(..., resume=True)`
+            continues from it. Single-process runs only.
         epochs: maximum number of epochs.
         patience: stop after this many epochs without improvement of `monitor`; None never stops early.
         monitor: "val_loss" or "val_<metric>" (auroc, accuracy, balanced_accuracy, f1; "auroc" alone
@@ -171,6 +183,9 @@ class Trainer:
         feature_stats: dict[str, Any] | None = None,
         distributed: bool | None = None,
         precision: str = "fp32",
+        class_weights: Sequence[float] | None = None,
+        logger: Any = None,
+        last_checkpoint_path: str | os.PathLike | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -188,6 +203,8 @@ class Trainer:
             raise ValueError("distributed=True needs a process group; call mil_train.distributed.init_from_env() "
                              "in each process (under torchrun or mil-train --nproc)")
         self.distributed = bool(distributed)
+        if self.distributed and last_checkpoint_path is not None:
+            raise ValueError("last_checkpoint_path (resuming) is for single-process runs; leave it out under a process group")
         self.is_main = dist_utils.is_main()
         # DDP around compute_loss; its constructor broadcasts rank 0's parameters, so all ranks start equal.
         self._ddp = dist_utils.wrap_model(self.model, self.device) if self.distributed else None
@@ -209,9 +226,13 @@ class Trainer:
         self.precision = precision
         # fp16's narrow range needs the loss scaled; bf16 has float32's range and needs none
         self._scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        self.class_weights = None if class_weights is None else [float(w) for w in class_weights]
+        self.loggers = [] if logger is None else list(logger) if isinstance(logger, (list, tuple)) else [logger]
+        self.last_checkpoint_path = Path(last_checkpoint_path) if last_checkpoint_path is not None else None
         self.history: list[dict[str, float]] = []
         self.best_epoch: int | None = None
         self.best_value: float | None = None
+        self.global_step = 0  # optimizer steps taken: the clock of the loss-weight schedules
 
     # -- set-up -----------------------------------------------------------------------------------
 
@@ -270,7 +291,12 @@ class Trainer:
             raise UnknownLossTermError(unknown, list(terms), self.model.name or type(self.model).__name__)
 
     def _weighted_loss(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sum(self.loss_weights.get(name, 1.0) * value for name, value in terms.items())
+        return sum(weight_at(self.loss_weights.get(name, 1.0), self.global_step) * value for name, value in terms.items())
+
+    def _scheduled_weights(self) -> dict[str, float]:
+        """weight_<name> of each scheduled term at the current step, for the epoch's row."""
+        return {f"weight_{name}": weight_at(weight, self.global_step)
+                for name, weight in self.loss_weights.items() if isinstance(weight, LossWeightSchedule)}
 
     def _join(self) -> contextlib.AbstractContextManager:
         """Uneven shares: ranks that run out shadow the others' all-reduces (see mil_train.distributed)."""
@@ -286,7 +312,7 @@ class Trainer:
         step = self._ddp if self._ddp is not None else self.model.compute_loss
         sums: dict[str, torch.Tensor] = {}  # on the device: no host sync per step for the bookkeeping
         n_bags = 0
-        with self._join():
+        with self._join(), class_weighted(self.model, self.class_weights):
             for batch in loader:
                 batch = self._to_device(batch)
                 with self._autocast():
@@ -300,6 +326,7 @@ class Trainer:
                         f"training loss became {loss.item()}; lower the learning rate or set grad_clip"
                     )
                 self._backward_and_step(loss)
+                self.global_step += 1
                 size = int(batch["X"].shape[0])
                 n_bags += size
                 for name, value in {"loss": loss, **terms}.items():
@@ -388,22 +415,33 @@ class Trainer:
             "attention": result["attention"],
         }
 
-    def fit(self, train_loader: DataLoader, val_loader: DataLoader | None = None) -> list[dict[str, float]]:
-        """Train; returns the history (one dict per epoch) and leaves the best weights in the model."""
+    def fit(
+        self, train_loader: DataLoader, val_loader: DataLoader | None = None, resume: bool = False
+    ) -> list[dict[str, float]]:
+        """Train; returns the history (one dict per epoch) and leaves the best weights in the model.
+
+        resume=True continues from `last_checkpoint_path` when that file exists (else starts afresh):
+        the epochs after the saved one run as they would have without the interruption, given the same
+        loaders, settings and seed; a run that had finished (its last epoch, or early stopping) only
+        restores its best weights. Raising `epochs` extends a run that finished by reaching them.
+        """
         monitor = self.monitor if val_loader is not None else "train_loss"
         mode = self.mode if val_loader is not None else "min"
         # Distributed: each rank its own stream (dropout, sampling), as each bag gets fresh noise in one process.
         seed_everything(self.seed + (dist_utils.rank() if self.distributed else 0))
-        self.history, self.best_epoch, self.best_value = [], None, None
-        best_state = None
-        bar = tqdm(range(1, self.epochs + 1), desc="epochs", file=sys.stderr, disable=not (self.progress and self.is_main),
-                   leave=False)
+        self.history, self.best_epoch, self.best_value, self.global_step = [], None, None, 0
+        best_state, first_epoch, stopped_early = None, 1, False
+        if resume and self.last_checkpoint_path is not None and self.last_checkpoint_path.exists():
+            best_state, first_epoch, stopped_early = self._restore(train_loader)
+        epochs = range(first_epoch, self.epochs + 1) if not stopped_early else range(0)
+        bar = tqdm(epochs, desc="epochs", file=sys.stderr, disable=not (self.progress and self.is_main), leave=False)
         for epoch in bar:
             row: dict[str, float] = {"epoch": epoch}
             row.update({f"train_{k}": v for k, v in self._train_epoch(train_loader, epoch == 1).items()})
             if val_loader is not None:
                 row.update({f"val_{k}": v for k, v in self.evaluate(val_loader).items()})
             row["lr"] = self.optimizer.param_groups[0]["lr"]
+            row.update(self._scheduled_weights())
             if monitor not in row:
                 raise ValueError(f"monitor {monitor!r} is not among the logged values {sorted(row)}")
             self.history.append(row)
@@ -415,13 +453,71 @@ class Trainer:
                 best_state = copy.deepcopy(self.model.state_dict())
                 self._save_best(epoch, monitor)
             bar.set_postfix({monitor: f"{value:.4f}", "best": self.best_epoch})
-            if self.patience is not None and epoch - (self.best_epoch or 0) >= self.patience:
+            stopped_early = self.patience is not None and epoch - (self.best_epoch or 0) >= self.patience
+            if self.is_main:
+                log_all(self.loggers, row, epoch)
+            self._save_last(best_state, train_loader, stopped_early)  # last: a logger that fails redoes the epoch
+            if stopped_early:
                 break
         if best_state is not None:
             self.model.load_state_dict(best_state)
         if self.distributed:
             dist_utils.barrier()  # rank 0's checkpoint and log are written when fit returns on any rank
         return self.history
+
+    # -- resuming ---------------------------------------------------------------------------------
+
+    def _save_last(self, best_state: dict | None, train_loader: DataLoader, stopped_early: bool) -> None:
+        """The state after this epoch, everything `_restore` needs to go on as if never stopped."""
+        if self.last_checkpoint_path is None:
+            return
+        state = {
+            "epoch": len(self.history) and int(self.history[-1]["epoch"]),
+            "global_step": self.global_step,
+            "history": self.history,
+            "best_epoch": self.best_epoch,
+            "best_value": None if self.best_value is None else float(self.best_value),
+            "best_state_dict": {k: v.detach().cpu() for k, v in (best_state or {}).items()},
+            "stopped_early": stopped_early,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "scaler": None if self._scaler is None else self._scaler.state_dict(),
+            "rng": _rng_state(),
+            "loader_generators": [g.get_state() for g in _loader_generators(train_loader)],
+        }
+        provenance = {**self.provenance, "seed": self.seed, "epoch": state["epoch"], "torch_version": str(torch.__version__)}
+        save_checkpoint(self.model, self.last_checkpoint_path, class_names=self.class_names, provenance=provenance,
+                        feature_stats=self.feature_stats, training_state=state)
+
+    def _restore(self, train_loader: DataLoader) -> tuple[dict | None, int, bool]:
+        """Load `last_checkpoint_path`; returns (best weights, the next epoch, whether it stopped early)."""
+        payload = load_checkpoint_payload(self.last_checkpoint_path)
+        state = payload.get("training_state")
+        if state is None:
+            raise ValueError(f"{self.last_checkpoint_path} holds no training state (a best-model checkpoint?); "
+                             "resume from the last checkpoint the Trainer wrote")
+        if payload["model_name"] != self.model.name or payload["config"] != dict(self.model.config):
+            raise ValueError(f"{self.last_checkpoint_path} is a run of {payload['model_name']} {payload['config']}, "
+                             f"not of this model, {self.model.name} {dict(self.model.config)}")
+        if payload["provenance"].get("seed") != self.seed:
+            raise ValueError(f"{self.last_checkpoint_path} ran with seed {payload['provenance'].get('seed')}, "
+                             f"this run has seed {self.seed}; resume with the same seed")
+        self.model.load_state_dict(payload["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self._scaler is not None and state["scaler"] is not None:
+            self._scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        generators = _loader_generators(train_loader)
+        if len(generators) != len(state["loader_generators"]):
+            raise ValueError("the training loader's shuffling differs from the interrupted run's (shuffle or sampler)")
+        for generator, saved in zip(generators, state["loader_generators"]):
+            generator.set_state(saved)
+        self.history = [dict(row) for row in state["history"]]
+        self.best_epoch, self.best_value, self.global_step = state["best_epoch"], state["best_value"], state["global_step"]
+        best_state = state["best_state_dict"] or None
+        return best_state, int(state["epoch"]) + 1, bool(state["stopped_early"])
 
     # -- bookkeeping ------------------------------------------------------------------------------
 
@@ -473,3 +569,37 @@ class Trainer:
         tmp = self.log_csv.with_name(self.log_csv.name + ".tmp")
         tmp.write_text(buffer.getvalue())
         os.replace(tmp, self.log_csv)
+
+
+def _loader_generators(loader: DataLoader) -> list[torch.Generator]:
+    """The generators that drive a loader's order (its own, its sampler's), each once."""
+    found: list[torch.Generator] = []
+    for candidate in (getattr(loader, "generator", None), getattr(getattr(loader, "sampler", None), "generator", None)):
+        if isinstance(candidate, torch.Generator) and all(candidate is not g for g in found):
+            found.append(candidate)
+    return found
+
+
+def _rng_state() -> dict[str, Any]:
+    """Python's, numpy's and torch's global RNG states as tensors, lists and numbers (weights_only-loadable)."""
+    version, words, gauss = random.getstate()
+    _, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "words": list(words), "gauss": gauss},
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    python, numpy_state = state["python"], state["numpy"]
+    random.setstate((python["version"], tuple(python["words"]), python["gauss"]))
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
+                         numpy_state["has_gauss"], numpy_state["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
