@@ -2,6 +2,9 @@
 
     mil-train ABMIL ../shared/data/mil/musk1.csv -o abmil.pt --model-arg gated=true --epochs 50
     mil-train MODEL bags/ -o model.pt --loss-weight cls=1 --loss-weight NAME=0.3   # weigh named loss terms
+    mil-train ProbSmoothABMIL bags/ -o m.pt --loss-weight kl=linear:0:1:10         # anneal a term in
+    mil-train ABMIL musk1.csv -o cv/abmil.pt --folds 10 --log-dir runs/abmil       # stratified 10-fold CV
+    mil-train ABMIL bags/ -o model.pt --resume                                     # go on after a crash
 
 DATA is one of
   - a classic MIL .csv (label, bag id, features; no header),
@@ -13,7 +16,26 @@ from the coords by the rule the model records (the rule its exported file carrie
 The feature dimension comes from the data; binary 0/1 labels train one sigmoid logit, more classes
 a softmax. `--loss-weight NAME=W` weighs the loss term NAME (terms not named weigh 1; "cls" is the
 classification loss, a model card names its auxiliary terms); a NAME the model does not return stops
-training after the first batch. Errors print one line and exit with the code of mil_runtime.errors.
+training after the first batch. A weight may follow a schedule over optimizer steps,
+`linear:START:END:STEPS` or `cyclical:MIN:MAX:CYCLE[:RISE[:WARMUP]]` (mil_train.schedules).
+Errors print one line and exit with the code of mil_runtime.errors.
+
+Imbalance: `--class-weights auto` weighs each training bag's classification loss by n / (K n_c) of its
+class; `--balanced-sampler` draws each epoch's bags with replacement, classes about equally often
+(mil_train.sampling).
+
+Cross-validation: `--folds K` splits the bags into K stratified folds (the same folds under the same
+--seed, for every model: mil_train.folds); fold f trains on the other folds (less --val-fraction of them
+for validation and early stopping) and is scored on its own bags with its best weights. It writes
+`<stem>.fold<f><suffix>` per fold beside -o, and `<stem>.folds.json`: each fold's bags, best epoch and
+test metrics, and their mean and standard deviation.
+
+Resuming: every single-process run also keeps `<stem>.last<suffix>` beside each checkpoint, the state
+after the latest epoch; `--resume` with the same command continues from it (skipping finished folds),
+and ends where the uninterrupted run would have. Without such a file, --resume starts afresh.
+
+Logs: `--log-dir DIR` writes DIR/metrics.csv and, when the tensorboard package is importable, TensorBoard
+event files into DIR (one subfolder per fold under --folds); `--log FILE` writes the CSV alone.
 
 Over processes (mil_train/distributed.py): `mil-train ... --nproc N` starts N processes on this machine
 (DDP: gloo on CPU, NCCL with one GPU each on CUDA); under `torchrun --nproc-per-node N -m mil_train.cli ...`
@@ -30,6 +52,7 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +72,19 @@ def parse_model_args(pairs: tuple[str, ...]) -> dict[str, Any]:
     return kwargs
 
 
-def parse_loss_weights(pairs: tuple[str, ...]) -> dict[str, float]:
-    """NAME=W pairs -> {NAME: W}; W a finite number >= 0, each NAME given once."""
-    weights: dict[str, float] = {}
+def parse_loss_weights(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """NAME=W pairs -> {NAME: W}; W a finite number >= 0 or a schedule (mil_train.schedules), each NAME once."""
+    weights: dict[str, Any] = {}
     for pair in pairs:
         name, sep, text = pair.partition("=")
         name = name.strip()
         if not sep or not name:
             raise InvalidInputError(f"--loss-weight {pair!r} is not NAME=W; write e.g. --loss-weight cls=1.0")
+        if ":" in text:
+            if name in weights:
+                raise InvalidInputError(f"--loss-weight {name} is given twice; give each term once")
+            weights[name] = _schedule(pair, text)
+            continue
         try:
             weight = float(text)
         except ValueError:
@@ -67,6 +95,22 @@ def parse_loss_weights(pairs: tuple[str, ...]) -> dict[str, float]:
             raise InvalidInputError(f"--loss-weight {name} is given twice; give each term once")
         weights[name] = weight
     return weights
+
+
+def _schedule(pair: str, text: str) -> Any:
+    from mil_train.schedules import parse_schedule
+
+    try:
+        return parse_schedule(text)
+    except ValueError as exc:
+        raise InvalidInputError(f"--loss-weight {pair!r}: {exc}") from None
+
+
+def recorded_weights(weights: dict[str, Any]) -> dict[str, Any]:
+    """The weights as the provenance records them: numbers, and schedules in their command-line form."""
+    from mil_train.schedules import LossWeightSchedule
+
+    return {name: w.describe() if isinstance(w, LossWeightSchedule) else w for name, w in weights.items()}
 
 
 def _literal(text: str) -> Any:
@@ -206,8 +250,10 @@ def train(
     patience: int | None = None, seed: int = 0, log: Path | None = None, class_names: str | None = None,
     labels_csv: Path | None = None, device: str = "cpu", progress: bool = True, loss_weights: tuple[str, ...] = (),
     allow_one_class: bool = False, precision: str = "fp32",
+    folds: int | None = None, resume: bool = False, class_weights: str = "none", balanced_sampler: bool = False,
+    log_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """What `mil-train` does; returns the best epoch's logged row.
+    """What `mil-train` does; returns the best epoch's logged row (with --folds, the folds' summary).
 
     Under torchrun (WORLD_SIZE > 1 in the environment) each process joins the process group here,
     trains on its share of the bags and leaves the group at the end.
@@ -222,6 +268,7 @@ def train(
             batch_size=batch_size, val_fraction=val_fraction, patience=patience, seed=seed, log=log,
             class_names=class_names, labels_csv=labels_csv, device=device, progress=progress,
             loss_weights=loss_weights, allow_one_class=allow_one_class, precision=precision,
+            options=RunOptions(folds, resume, class_weights, balanced_sampler, log_dir),
         )
     finally:
         if joined:
@@ -232,13 +279,12 @@ def _train(
     model_name: str, data: Path, output: Path, *, model_args: tuple[str, ...], epochs: int, lr: float,
     weight_decay: float, batch_size: int, val_fraction: float, patience: int | None, seed: int, log: Path | None,
     class_names: str | None, labels_csv: Path | None, device: str, progress: bool, loss_weights: tuple[str, ...],
-    allow_one_class: bool, precision: str = "fp32",
+    allow_one_class: bool, precision: str = "fp32", options: RunOptions | None = None,
 ) -> dict[str, Any]:
-    from mil_train import distributed
-    from mil_train.feature_stats import compute_feature_stats
     from mil_train.models import create_model, list_models
-    from mil_train.trainer import Trainer, UnknownLossTermError, make_loader, seed_everything
+    from mil_train.trainer import seed_everything
 
+    options = options or RunOptions()
     if model_name not in list_models():
         raise InvalidInputError(f"unknown model {model_name!r}; choose one of {', '.join(list_models())}")
     if output.is_dir():
@@ -280,17 +326,74 @@ def _train(
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"cannot build {model_name} with {kwargs}: {exc}") from None
     bags = with_spatial_inputs(model, bags, data)
-    train_idx, val_idx = split(labels, val_fraction, seed)
     provenance = {
-        "data": str(data), "n_bags": len(bags), "n_train": len(train_idx), "n_val": len(val_idx),
-        "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "loss_weights": weights,
-        "precision": precision,
+        "data": str(data), "n_bags": len(bags), "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
+        "loss_weights": recorded_weights(weights), "precision": precision,
         "command": os.environ.get(COMMAND_ENV) or " ".join(sys.argv),
+        **options.recorded(),
     }
+    settings = dict(lr=lr, weight_decay=weight_decay, epochs=epochs, patience=patience, seed=seed, device=device,
+                    progress=progress, class_names=names, loss_weights=weights, precision=precision)
+    run = dict(model=model, model_name=model_name, bags=bags, labels=labels, batch_size=batch_size,
+               provenance=provenance, settings=settings, options=options)
+    if options.folds:
+        return cross_validate(output, val_fraction=val_fraction, log=log, **run)
+    train_idx, val_idx = split(labels, val_fraction, seed)
+    trainer = fit_split(train_idx, val_idx, output, log=log, log_dir=options.log_dir, **run)
+    return trainer.history[trainer.best_epoch - 1]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """mil-train's training conveniences: --folds, --resume, --class-weights, --balanced-sampler, --log-dir."""
+
+    folds: int | None = None
+    resume: bool = False
+    class_weights: str = "none"
+    balanced_sampler: bool = False
+    log_dir: Path | None = None
+
+    def recorded(self) -> dict[str, Any]:
+        """What the checkpoint's provenance records (and a resumed run must match)."""
+        return {"class_weights": self.class_weights, "balanced_sampler": self.balanced_sampler,
+                **({"folds": self.folds} if self.folds else {})}
+
+
+# The provenance entries a resumed run must share with the interrupted one (beside model, config and seed).
+RESUME_MUST_MATCH = ("data", "n_bags", "n_train", "n_val", "lr", "weight_decay", "batch_size", "loss_weights",
+                     "precision", "class_weights", "balanced_sampler", "folds", "fold")
+
+
+def last_checkpoint_path(output: Path) -> Path:
+    """Where a run keeps its state after each epoch: model.pt -> model.last.pt."""
+    return output.with_name(f"{output.stem}.last{output.suffix}")
+
+
+def fit_split(
+    train_idx: list[int], val_idx: list[int], output: Path, *, model, model_name: str, bags: list, labels: list[int],
+    batch_size: int, provenance: dict[str, Any], settings: dict[str, Any], options: RunOptions, log: Path | None,
+    log_dir: Path | None,
+):
+    """Train one model on bags[train_idx], validating on bags[val_idx]; returns the Trainer (best weights in)."""
+    from mil_train import distributed
+    from mil_train.feature_stats import compute_feature_stats
+    from mil_train.sampling import auto_class_weights, balanced_sampler
+    from mil_train.trainer import ResumeError, Trainer, UnknownLossTermError, make_loader
+
+    provenance = {**provenance, "n_train": len(train_idx), "n_val": len(val_idx)}
     rank, world = distributed.rank(), distributed.world_size()
     validate = bool(val_idx)  # decided on the whole split: a rank whose share is empty still joins the gathers
     feature_stats = compute_feature_stats(bags[i]["X"] for i in train_idx)  # of all training bags, on every rank
+    weights = None
+    if options.class_weights == "auto":
+        try:
+            weights = auto_class_weights([labels[i] for i in train_idx], model.n_classes)
+        except ValueError as exc:
+            raise InvalidInputError(f"--class-weights auto: {exc}") from None
+        provenance["class_weight_values"] = weights
     if world > 1:
+        if options.resume:
+            raise InvalidInputError("--resume is for single-process runs; leave it out with --nproc or torchrun")
         if len(train_idx) < world:
             raise InvalidInputError(
                 f"{world} processes need at least {world} training bags, and the split leaves {len(train_idx)}; "
@@ -298,22 +401,126 @@ def _train(
             )
         train_idx = _share(bags, train_idx, rank, world)
         val_idx = _share(bags, val_idx, rank, world)
+    last = last_checkpoint_path(output) if world == 1 else None
+    if options.resume and last is not None and last.exists():
+        _check_resumable(last, provenance)
+    seed = settings["seed"]
+    if options.balanced_sampler:
+        sampler = balanced_sampler([labels[i] for i in train_idx], seed=seed + rank)
+        train_loader = make_loader([bags[i] for i in train_idx], batch_size=batch_size, sampler=sampler)
+    else:
+        train_loader = make_loader([bags[i] for i in train_idx], batch_size=batch_size, shuffle=True, seed=seed)
+    loggers = _loggers(log_dir) if rank == 0 else []
     trainer = Trainer(
-        model, lr=lr, weight_decay=weight_decay, epochs=epochs, patience=patience, seed=seed, device=device,
-        progress=progress, log_csv=log, checkpoint_path=output, class_names=names, provenance=provenance,
-        loss_weights=weights, feature_stats=feature_stats, precision=precision,
+        model, checkpoint_path=output, log_csv=log, provenance=provenance, feature_stats=feature_stats,
+        class_weights=weights, logger=loggers, last_checkpoint_path=last, **settings,
     )
     try:
-        trainer.fit(
-            make_loader([bags[i] for i in train_idx], batch_size=batch_size, shuffle=True, seed=seed),
-            make_loader([bags[i] for i in val_idx], batch_size=batch_size) if validate else None,
-        )
+        trainer.fit(train_loader, make_loader([bags[i] for i in val_idx], batch_size=batch_size) if validate else None,
+                    resume=options.resume)
     except UnknownLossTermError as exc:
         raise InvalidInputError(
             f"--loss-weight names {', '.join(exc.unknown)}, which {model_name} does not compute; "
             f"its loss terms are {', '.join(exc.terms)}"
         ) from None
-    return trainer.history[trainer.best_epoch - 1]
+    except ResumeError as exc:
+        raise InvalidInputError(f"--resume: {exc}") from None
+    finally:
+        for logger in loggers:
+            logger.close()
+    return trainer
+
+
+def _check_resumable(last: Path, provenance: dict[str, Any]) -> None:
+    """Refuse to resume a run whose data or settings differ from this one's (its epochs would not continue it)."""
+    from mil_train.checkpoint import load_checkpoint_payload
+
+    try:
+        saved = load_checkpoint_payload(last)["provenance"]
+    except Exception as exc:  # a torn or foreign file: say which one
+        raise InvalidInputError(f"--resume: cannot read {last} ({exc}); delete it to start afresh") from None
+    differ = [key for key in RESUME_MUST_MATCH if saved.get(key) != provenance.get(key)]
+    if differ:
+        what = "; ".join(f"{key} was {saved.get(key)!r}, now {provenance.get(key)!r}" for key in differ)
+        raise InvalidInputError(f"--resume: {last} is another run ({what}); resume with the same command, "
+                                "or delete it to start afresh")
+
+
+def _loggers(log_dir: Path | None) -> list:
+    """--log-dir: a CSV logger, and a TensorBoard one when tensorboard is importable."""
+    from mil_train.loggers import CSVLogger, TensorBoardLogger, tensorboard_available
+
+    if log_dir is None:
+        return []
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"--log-dir {log_dir}: cannot create it ({exc.strerror})") from None
+    loggers: list = [CSVLogger(log_dir / "metrics.csv")]
+    if tensorboard_available():
+        loggers.append(TensorBoardLogger(log_dir))
+    else:
+        click.echo(f"mil-train: --log-dir {log_dir}: writing metrics.csv only (pip install tensorboard for "
+                   "TensorBoard event files)", err=True)
+    return loggers
+
+
+def cross_validate(output: Path, *, model, model_name: str, bags: list, labels: list[int], val_fraction: float,
+                   options: RunOptions, settings: dict[str, Any], log: Path | None, **run) -> dict[str, Any]:
+    """--folds K: one model per stratified fold, each scored on its held-out bags; writes the summary."""
+    import copy
+
+    from mil_train import distributed
+    from mil_train.folds import fold_of_each_bag, stratified_folds
+    from mil_train.trainer import make_loader
+
+    try:
+        folds = stratified_folds(labels, options.folds, seed=settings["seed"])
+    except ValueError as exc:
+        raise InvalidInputError(f"--folds {options.folds}: {exc}") from None
+    initial = copy.deepcopy(model.state_dict())  # every fold starts from the same initial weights
+    results = []
+    for fold, (rest, test_idx) in enumerate(folds, start=1):
+        model.load_state_dict(initial)
+        train_idx, val_idx = split([labels[i] for i in rest], val_fraction, settings["seed"])
+        train_idx, val_idx = [rest[i] for i in train_idx], [rest[i] for i in val_idx]
+        fold_output = output.with_name(f"{output.stem}.fold{fold}{output.suffix}")
+        fold_log = log.with_name(f"{log.stem}.fold{fold}{log.suffix}") if log is not None else None
+        fold_dir = options.log_dir / f"fold{fold}" if options.log_dir is not None else None
+        run["provenance"] = {**run["provenance"], "fold": fold}
+        trainer = fit_split(train_idx, val_idx, fold_output, model=model, model_name=model_name, bags=bags,
+                            labels=labels, options=options, settings=settings, log=fold_log, log_dir=fold_dir, **run)
+        shard = test_idx if distributed.world_size() == 1 else _share(bags, test_idx, distributed.rank(),
+                                                                     distributed.world_size())
+        test = trainer.evaluate(make_loader([bags[i] for i in shard], batch_size=run["batch_size"]))
+        results.append({"fold": fold, "checkpoint": fold_output.name, "n_train": len(train_idx), "n_val": len(val_idx),
+                        "n_test": len(test_idx), "best_epoch": trainer.best_epoch,
+                        "test": {k: float(v) for k, v in test.items()}, "test_bags": test_idx})
+    summary = fold_summary(results, model_name=model_name, k=options.folds, seed=settings["seed"],
+                           fold_of_bag=fold_of_each_bag(folds))
+    if distributed.is_main():
+        _write_json(output.with_name(f"{output.stem}.folds.json"), summary)
+    return summary
+
+
+def fold_summary(results: list[dict[str, Any]], **about: Any) -> dict[str, Any]:
+    """The folds' results with the mean and (sample) standard deviation of each test metric (NaNs left out)."""
+    import numpy as np
+
+    names = [k for k in results[0]["test"]]
+    mean, std = {}, {}
+    for name in names:
+        values = np.array([r["test"][name] for r in results], dtype=np.float64)
+        values = values[np.isfinite(values)]
+        mean[name] = float(values.mean()) if values.size else float("nan")
+        std[name] = float(values.std(ddof=1)) if values.size > 1 else float("nan")
+    return {**about, "folds": results, "mean": mean, "std": std}
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, allow_nan=True) + "\n")
+    os.replace(tmp, path)
 
 
 def _share(bags: list, indices: list[int], rank: int, world: int) -> list[int]:
@@ -408,11 +615,20 @@ def launch(nproc: int, device: str, raw_args: list[str]) -> int:
               help="bf16: matrix products in bfloat16 under autocast (CPU or CUDA; fast on CPUs with AVX512_BF16 "
                    "or AMX); fp16: CUDA only, with loss scaling. Parameters and checkpoints stay float32")
 @click.option("--allow-one-class", is_flag=True, help="train even when every bag has the same label (refused otherwise)")
+@click.option("--folds", default=None, type=click.IntRange(min=2), metavar="K",
+              help="stratified K-fold cross-validation: a checkpoint per fold beside -o and <stem>.folds.json")
+@click.option("--resume", is_flag=True, help="continue the interrupted run from <stem>.last.pt (same command)")
+@click.option("--class-weights", default="none", show_default=True, type=click.Choice(["none", "auto"]),
+              help="auto: weigh each bag's classification loss by n / (K n_c) of its class")
+@click.option("--balanced-sampler", is_flag=True, help="draw each epoch's bags with replacement, classes equally")
+@click.option("--log-dir", type=click.Path(path_type=Path),
+              help="metrics.csv, and TensorBoard event files when tensorboard is installed")
 @click.option("--nproc", default=1, show_default=True, type=click.IntRange(min=1),
               help="processes on this machine, data-parallel (gloo on CPU; NCCL and one GPU each with --device cuda); "
                    "under torchrun leave it out")
 def main(model, data, output, model_args, loss_weights, epochs, lr, weight_decay, batch_size, val_fraction, patience,
-         seed, log, class_names, labels_csv, device, precision, allow_one_class, nproc) -> None:
+         seed, log, class_names, labels_csv, device, precision, allow_one_class, folds, resume, class_weights,
+         balanced_sampler, log_dir, nproc) -> None:
     """Train MODEL (a registered name, e.g. ABMIL) on DATA and save the best checkpoint to -o."""
     from mil_runtime.errors import DeviceError
     from mil_train.distributed import env_rank, env_world_size
@@ -429,14 +645,20 @@ def main(model, data, output, model_args, loss_weights, epochs, lr, weight_decay
             model, data, output, model_args=model_args, epochs=epochs, lr=lr, weight_decay=weight_decay,
             batch_size=batch_size, val_fraction=val_fraction, patience=patience, seed=seed, log=log,
             class_names=class_names, labels_csv=labels_csv, device=device, progress=sys.stderr.isatty(),
-            loss_weights=loss_weights, allow_one_class=allow_one_class, precision=precision,
+            loss_weights=loss_weights, allow_one_class=allow_one_class, precision=precision, folds=folds,
+            resume=resume, class_weights=class_weights, balanced_sampler=balanced_sampler, log_dir=log_dir,
         )
     except MilkitError as exc:
         # Every rank meets the same data and settings, so rank 0 speaks for all; a device is each rank's own.
         if env_rank() == 0 or isinstance(exc, DeviceError):
             click.echo(f"mil-train: error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    if env_rank() == 0:
+    if env_rank() == 0 and folds:
+        shown = {k: f"{best['mean'][k]:.4f} ± {best['std'][k]:.4f}" for k in best["mean"] if k != "loss"}
+        summary = output.with_name(f"{output.stem}.folds.json")
+        click.echo(f"mil-train: {folds} folds, test {shown}; saved {len(best['folds'])} checkpoints and {summary}",
+                   err=True)
+    elif env_rank() == 0:
         shown = {k: round(v, 4) for k, v in best.items() if k.startswith("val_") or k == "train_loss"}
         click.echo(f"mil-train: best epoch {best['epoch']}: {shown}; saved {output}", err=True)
 

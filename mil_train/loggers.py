@@ -29,13 +29,27 @@ class Logger(Protocol):
 
 
 class CSVLogger:
-    """One CSV row per `log` call (a `step` column first), rewritten atomically each time."""
+    """One CSV row per `log` call (a `step` column first), rewritten atomically each time.
 
-    def __init__(self, path: str | os.PathLike, rows: Iterable[Mapping[str, Any]] = ()) -> None:
+    A file already at `path` keeps the rows of the steps before the first one logged here, so a
+    resumed run (whose first step is the interrupted run's next) continues its log, while a fresh run
+    (step 1) starts the file anew.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self.rows: list[dict[str, Any]] = [dict(row) for row in rows]  # a resumed run passes its earlier rows
+        self.rows: list[dict[str, Any]] | None = None  # read on the first `log`, when its step is known
+
+    def _earlier_rows(self, step: int) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        with open(self.path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        return [row for row in rows if (row.get("step") or "").isdigit() and int(row["step"]) < step]
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        if self.rows is None:
+            self.rows = self._earlier_rows(step)
         self.rows.append({"step": step, **metrics})
         columns: list[str] = []
         for row in self.rows:

@@ -87,6 +87,10 @@ class UnknownLossTermError(ValueError):
         )
 
 
+class ResumeError(ValueError):
+    """The last checkpoint cannot continue this run (another model, seed or loader, or no training state)."""
+
+
 # Per-epoch sums of the loss terms: float64 where the device has it.
 _SUM_DTYPE = {"mps": torch.float32}
 
@@ -494,13 +498,13 @@ class Trainer:
         payload = load_checkpoint_payload(self.last_checkpoint_path)
         state = payload.get("training_state")
         if state is None:
-            raise ValueError(f"{self.last_checkpoint_path} holds no training state (a best-model checkpoint?); "
+            raise ResumeError(f"{self.last_checkpoint_path} holds no training state (a best-model checkpoint?); "
                              "resume from the last checkpoint the Trainer wrote")
         if payload["model_name"] != self.model.name or payload["config"] != dict(self.model.config):
-            raise ValueError(f"{self.last_checkpoint_path} is a run of {payload['model_name']} {payload['config']}, "
+            raise ResumeError(f"{self.last_checkpoint_path} is a run of {payload['model_name']} {payload['config']}, "
                              f"not of this model, {self.model.name} {dict(self.model.config)}")
         if payload["provenance"].get("seed") != self.seed:
-            raise ValueError(f"{self.last_checkpoint_path} ran with seed {payload['provenance'].get('seed')}, "
+            raise ResumeError(f"{self.last_checkpoint_path} ran with seed {payload['provenance'].get('seed')}, "
                              f"this run has seed {self.seed}; resume with the same seed")
         self.model.load_state_dict(payload["state_dict"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -511,7 +515,7 @@ class Trainer:
         _set_rng_state(state["rng"])
         generators = _loader_generators(train_loader)
         if len(generators) != len(state["loader_generators"]):
-            raise ValueError("the training loader's shuffling differs from the interrupted run's (shuffle or sampler)")
+            raise ResumeError("the training loader's shuffling differs from the interrupted run's (shuffle or sampler)")
         for generator, saved in zip(generators, state["loader_generators"]):
             generator.set_state(saved)
         self.history = [dict(row) for row in state["history"]]

@@ -77,3 +77,19 @@ def test_tensorboard_logger_writes_scalars_readable_by_tensorboard(tmp_path):
     events.Reload()
     assert sorted(events.Tags()["scalars"]) == ["train_loss", "val_auroc"]
     assert [(e.step, e.value) for e in events.Scalars("train_loss")] == [(1, 0.5), (2, 0.25)]
+
+
+def test_mil_train_log_dir_writes_metrics_csv_and_a_resumed_run_continues_it(tmp_path):
+    from train_cli_helpers import SMALL_ABMIL, planted_folder, run_cli
+
+    data = planted_folder(tmp_path / "bags", [i % 2 for i in range(10)])
+    common = [*SMALL_ABMIL, data, "-o", tmp_path / "m.pt", "--log-dir", tmp_path / "runs" / "a"]
+    result = run_cli([*common, "--epochs", 2])
+    assert result.exit_code == 0, result.output
+    if not tensorboard_available():
+        assert "writing metrics.csv only (pip install tensorboard" in result.output
+    assert run_cli([*common, "--epochs", 3, "--resume"]).exit_code == 0
+    with open(tmp_path / "runs" / "a" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3] and [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert all(r["val_auroc"] != "" for r in rows)

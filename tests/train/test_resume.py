@@ -95,3 +95,27 @@ def test_resume_without_a_last_checkpoint_starts_afresh_and_refuses_another_mode
                     last_checkpoint_path=tmp_path / "last.pt")
     with pytest.raises(ValueError, match="not of this model"):
         other.fit(make_loader(bags(4, 1)), resume=True)
+
+
+def test_mil_train_resume_continues_to_the_uninterrupted_weights_and_refuses_other_settings(tmp_path):
+    from train_cli_helpers import SMALL_ABMIL, planted_folder, run_cli
+
+    from mil_runtime.errors import InvalidInputError
+    from mil_train.checkpoint import load_checkpoint
+
+    data = planted_folder(tmp_path / "bags", [i % 2 for i in range(16)])
+    common = [*SMALL_ABMIL, data, "--lr", 1e-2, "--batch-size", 2, "--model-arg", "dropout=0.2", "--seed", 4]
+    assert run_cli([*common, "-o", tmp_path / "whole.pt", "--epochs", 4]).exit_code == 0
+    assert run_cli([*common, "-o", tmp_path / "part.pt", "--epochs", 2]).exit_code == 0  # stopped after epoch 2
+    assert (tmp_path / "part.last.pt").exists()
+    refused = run_cli([*common, "-o", tmp_path / "part.pt", "--epochs", 4, "--resume", "--weight-decay", 0.1])
+    assert refused.exit_code == InvalidInputError.exit_code
+    assert "weight_decay was 0.0, now 0.1" in refused.output
+    resumed = run_cli([*common, "-o", tmp_path / "part.pt", "--epochs", 4, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    for name in ("", ".last"):
+        whole, _ = load_checkpoint(tmp_path / f"whole{name}.pt")
+        part, payload = load_checkpoint(tmp_path / f"part{name}.pt")
+        for key, value in whole.state_dict().items():
+            assert torch.equal(part.state_dict()[key], value), (name, key)
+    assert payload["training_state"]["epoch"] == 4

@@ -73,3 +73,18 @@ def test_balanced_sampler_draws_classes_equally_and_repeats_under_a_seed():
     first = list(balanced_sampler(labels, seed=3))
     assert first == list(balanced_sampler(labels, seed=3)) and first != list(balanced_sampler(labels, seed=4))
     assert len(first) == 100
+
+
+def test_mil_train_class_weights_and_balanced_sampler_are_recorded(tmp_path):
+    from train_cli_helpers import SMALL_ABMIL, planted_folder, run_cli
+
+    from mil_train.checkpoint import load_checkpoint
+
+    data = planted_folder(tmp_path / "bags", [0] * 15 + [1] * 5)
+    out = tmp_path / "m.pt"
+    result = run_cli([*SMALL_ABMIL, data, "-o", out, "--epochs", 2, "--val-fraction", 0, "--class-weights", "auto",
+                      "--balanced-sampler"])
+    assert result.exit_code == 0, result.output
+    provenance = load_checkpoint(out)[1]["provenance"]
+    assert provenance["class_weights"] == "auto" and provenance["balanced_sampler"] is True
+    assert provenance["class_weight_values"] == pytest.approx([20 / 30, 20 / 10])

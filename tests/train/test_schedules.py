@@ -80,3 +80,26 @@ def test_trainer_weighs_each_step_by_the_schedule():
         assert row["train_loss"] == pytest.approx(sum(min(s, 10) / 10 for s in steps) / 5, abs=1e-6)  # float32 loss
         assert row["weight_kl"] == pytest.approx(min(5 * (epoch + 1), 10) / 10)  # the weight at the epoch's end
     assert trainer.global_step == 15
+
+
+def test_mil_train_loss_weight_schedule_is_logged_recorded_and_checked(tmp_path):
+    import csv
+
+    from train_cli_helpers import SMALL_ABMIL, planted_folder, run_cli
+
+    from mil_runtime.errors import InvalidInputError
+    from mil_train.checkpoint import load_checkpoint
+
+    data = planted_folder(tmp_path / "bags", [i % 2 for i in range(10)])
+    out, log = tmp_path / "m.pt", tmp_path / "log.csv"
+    result = run_cli([*SMALL_ABMIL, data, "-o", out, "--epochs", 2, "--batch-size", 2, "--val-fraction", 0.2,
+                      "--loss-weight", "cls=linear:0.5:1:8", "--log", log])
+    assert result.exit_code == 0, result.output
+    with open(log, newline="") as f:
+        rows = list(csv.DictReader(f))
+    # 8 training bags in batches of 2: 4 steps per epoch; the weight after 4 and 8 steps
+    assert [float(r["weight_cls"]) for r in rows] == pytest.approx([0.75, 1.0])
+    assert load_checkpoint(out)[1]["provenance"]["loss_weights"] == {"cls": "linear:0.5:1:8"}
+    bad = run_cli([*SMALL_ABMIL, data, "-o", out, "--epochs", 1, "--loss-weight", "cls=linear:0:1"])
+    assert bad.exit_code == InvalidInputError.exit_code
+    assert "--loss-weight 'cls=linear:0:1': 'linear:0:1' is not a weight" in bad.output
