@@ -1,9 +1,9 @@
 """Building blocks shared by the models, one module each.
 
-Pools:        attention_pool (Ilse et al.), class_attention_pool (one branch per class, CLAM_MB),
-              prob_smooth_pool (Gaussian attention logits with a graph-smoothness prior),
-              sm_attention_pool (attention pooling with Sm smoothing), mincut_pool (dense min-cut
-              pooling driven by an edge list, GTP)
+Pools:        attention_pool (Ilse et al.), mean_pool and max_pool (masked mean / max),
+              class_attention_pool (one branch per class, CLAM_MB), prob_smooth_pool (Gaussian
+              attention logits with a graph-smoothness prior), sm_attention_pool (attention pooling
+              with Sm smoothing), mincut_pool (dense min-cut pooling driven by an edge list, GTP)
 Instances:    instance_classifier (CLAM's top-k clustering), max_instance (DSMIL's critical instance),
               pseudo_bags (DTFD's partition and tier-1 distillation), prototype_memory (IIBMIL)
 Sequence:     self_attention (masked multi-head), transformer (encoder layer and encoder),
@@ -25,6 +25,8 @@ from mil_train.nn.instance_classifier import InstanceClustering
 from mil_train.nn.irpe_attention import IRPEMultiheadSelfAttention, IRPETransformerEncoder
 from mil_train.nn.masking import masked_softmax
 from mil_train.nn.max_instance import MaxInstanceAttention
+from mil_train.nn.max_pool import MaxPool
+from mil_train.nn.mean_pool import MeanPool
 from mil_train.nn.mincut_pool import mincut_pool
 from mil_train.nn.mlp import instance_mlp
 from mil_train.nn.neighbour_attention import NeighbourAttention
@@ -51,6 +53,8 @@ __all__ = [
     "IRPETransformerEncoder",
     "InstanceClustering",
     "MaxInstanceAttention",
+    "MaxPool",
+    "MeanPool",
     "MultiheadSelfAttention",
     "NeighbourAttention",
     "NeighbourTable",
