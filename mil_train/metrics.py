@@ -70,3 +70,50 @@ def classification_metrics(y_true, probabilities, n_classes: int) -> dict[str, f
                 )
             ),
         }
+
+
+# -- regression and survival -------------------------------------------------------------------
+
+REGRESSION_METRIC_NAMES = ("mae", "rmse", "r2")
+SURVIVAL_METRIC_NAMES = ("c_index",)
+# metrics where lower is better (the Trainer monitors them with mode "min")
+LOWER_IS_BETTER = ("mae", "rmse")
+
+
+def regression_metrics(y_true, predictions) -> dict[str, float]:
+    """MAE, RMSE and R², averaged uniformly over the targets (y_true, predictions: (n,) or (n, k)).
+
+    R² is NaN on a set with fewer than two bags or a constant target (it is undefined there).
+    """
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    y_true = np.asarray(y_true, dtype=np.float64).reshape(len(y_true), -1)
+    predictions = np.asarray(predictions, dtype=np.float64).reshape(y_true.shape)
+    constant = y_true.shape[0] < 2 or bool(np.any(np.ptp(y_true, axis=0) == 0))
+    return {
+        "mae": float(mean_absolute_error(y_true, predictions)),
+        "rmse": float(np.sqrt(mean_squared_error(y_true, predictions))),
+        "r2": float("nan") if constant else float(r2_score(y_true, predictions)),
+    }
+
+
+def concordance_index(times, events, risk) -> float:
+    """Harrell's concordance index of `risk` (higher = earlier event) against censored times.
+
+    A pair (i, j) is comparable when t_i < t_j and bag i's event was observed (event_i = 1): then i is
+    known to have had the event first. It is concordant when risk_i > risk_j; tied risks count 1/2.
+    Pairs with equal times are not compared. NaN when no pair is comparable. O(n^2) memory in blocks
+    of rows, fine for the thousands of bags a validation set holds.
+    """
+    times = np.asarray(times, dtype=np.float64).reshape(-1)
+    events = np.asarray(events).reshape(-1) > 0
+    risk = np.asarray(risk, dtype=np.float64).reshape(-1)
+    concordant, comparable = 0.0, 0
+    for start in range(0, times.size, 1024):  # rows i in blocks: a (block, n) comparison at a time
+        rows = slice(start, start + 1024)
+        pairs = (times[rows, None] < times[None, :]) & events[rows, None]  # (block, n)
+        higher = risk[rows, None] > risk[None, :]  # (block, n)
+        tied = risk[rows, None] == risk[None, :]  # (block, n)
+        concordant += float(np.sum(pairs & higher)) + 0.5 * float(np.sum(pairs & tied))
+        comparable += int(np.sum(pairs))
+    return float("nan") if comparable == 0 else concordant / comparable

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from mil_train import distributed as dist_utils
 from mil_train.checkpoint import load_checkpoint_payload, save_checkpoint
 from mil_train.loggers import log_all
-from mil_train.metrics import METRIC_NAMES, classification_metrics
+from mil_train.metrics import LOWER_IS_BETTER, METRIC_NAMES, REGRESSION_METRIC_NAMES, SURVIVAL_METRIC_NAMES
 from mil_train.models.base import MILModel
 from mil_train.sampling import class_weighted
 from mil_train.schedules import LossWeightSchedule, weight_at
@@ -113,7 +113,7 @@ def _monitor_mode(monitor: str, mode: str | None) -> str:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         return mode
-    return "min" if monitor.endswith("loss") else "max"
+    return "min" if monitor.endswith(("loss", *LOWER_IS_BETTER)) else "max"
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -256,9 +256,10 @@ class Trainer:
 
     @staticmethod
     def _normalise_monitor(monitor: str) -> str:
-        if monitor in METRIC_NAMES:
+        task_metrics = (*METRIC_NAMES, *REGRESSION_METRIC_NAMES, *SURVIVAL_METRIC_NAMES)
+        if monitor in task_metrics:
             monitor = f"val_{monitor}"
-        allowed = {"val_loss", "train_loss", *(f"val_{m}" for m in METRIC_NAMES)}
+        allowed = {"val_loss", "train_loss", *(f"val_{m}" for m in task_metrics)}
         if monitor not in allowed and not monitor.startswith(("val_", "train_")):
             raise ValueError(f"monitor must be one of {sorted(allowed)} (or a val_/train_ loss term), got {monitor!r}")
         return monitor
@@ -398,23 +399,24 @@ class Trainer:
     # -- public API -------------------------------------------------------------------------------
 
     def evaluate(self, loader: DataLoader) -> dict[str, float]:
-        """Mean loss, each loss term, and the classification metrics over `loader` (eval mode, no grad);
-        distributed: over every rank's loader together (the same numbers on every rank)."""
+        """Mean loss, each loss term, and the task's metrics over `loader` (eval mode, no grad):
+        classification AUROC, accuracy, balanced accuracy, F1; regression MAE, RMSE, R²; survival the
+        c-index. Distributed: over every rank's loader together (the same numbers on every rank)."""
         result = self._eval_pass(loader)
-        probabilities = self.model.probabilities(result["logits"]).numpy()
-        metrics = classification_metrics(result["Y"].numpy(), probabilities, self.model.n_classes)
-        return {**result["losses"], **metrics}
+        return {**result["losses"], **self.model.task.metrics(result["logits"], result["Y"])}
 
     def predict(self, loader: DataLoader) -> dict[str, Any]:
         """Per-bag outputs in loader order (distributed: every rank's loader, in rank order).
 
         Returns {"logits": (n_bags, n_classes), "probabilities": (n_bags, n_classes), "Y": (n_bags,),
-        "attention": list of (N_i,) tensors, padding removed}.
+        "attention": list of (N_i,) tensors, padding removed}; regression and survival models give
+        their task's outputs instead of "probabilities" ("values"; "risk", "hazards", "survival"), and
+        Y is (n_bags, 2) (time, event) for survival.
         """
         result = self._eval_pass(loader, keep_attention=True)
         return {
             "logits": result["logits"],
-            "probabilities": self.model.probabilities(result["logits"]),
+            **self.model.task.outputs(result["logits"]),
             "Y": result["Y"],
             "attention": result["attention"],
         }

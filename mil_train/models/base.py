@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from mil_train.nn.masking import masked_softmax  # noqa: F401  (re-exported: models import it from here)
+from mil_train.tasks import ClassificationTask, Task, make_task
 
 
 @dataclass
@@ -81,6 +83,22 @@ class MILModel(nn.Module):
             raise ValueError(f"n_classes must be >= 1, got {n_classes}")
         self.n_classes = n_classes
         self.config: dict[str, Any] = {"n_classes": n_classes, **config}
+        # set by _with_task around the subclass's constructor; classification otherwise
+        task = self.__dict__.pop("_pending_task", None)
+        self.task: Task = task if task is not None else ClassificationTask(n_classes)
+        if task is not None:
+            self.config["task"] = task.to_config()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every subclass constructor takes `task=` (see `_with_task`), without naming it itself."""
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _with_task(cls.__dict__["__init__"])
+
+    @property
+    def is_classifier(self) -> bool:
+        """The model classifies bags (the default task); False for regression and survival heads."""
+        return self.task.type == "classification"
 
     # Graph models set this to their named rule, e.g. mil_train.data.graphs.TORCHMIL_GRAPH_RULE.
     default_graph_rule: dict[str, Any] | None = None
@@ -135,6 +153,10 @@ class MILModel(nn.Module):
         return torch.sigmoid(logits) if self.n_classes == 1 else torch.softmax(logits, dim=-1)
 
     def classification_loss(self, logits: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """The main ("cls") loss term: the classification loss, or the task's loss for regression and
+        survival heads (every model's compute_loss calls this for its main term)."""
+        if not self.is_classifier:
+            return self.task.loss(logits, Y)
         if self.n_classes == 1:
             return nn.functional.binary_cross_entropy_with_logits(logits.reshape(-1), Y.reshape(-1).float())
         return nn.functional.cross_entropy(logits, Y.reshape(-1).long())
@@ -153,3 +175,35 @@ class MILModel(nn.Module):
             coords=batch.get("coords", None),
         )
         return out.logits, {"cls": self.classification_loss(out.logits, batch["Y"])}
+
+
+def _with_task(init):
+    """Wrap a model constructor so it takes `task=` (name, config dict or Task; mil_train.tasks).
+
+    A regression or survival task sets the architecture's output width: the constructor runs with
+    n_classes = task.head_dim, and the model's `task` and config["task"] record it, so a checkpoint
+    rebuilds the same model by name. Without `task`, or with a plain classification task, the
+    constructor runs exactly as before (classification stays byte-identical, config included).
+    """
+
+    @functools.wraps(init)
+    def constructor(self, *args: Any, task: Any = None, **kwargs: Any) -> None:
+        if task is None or "_pending_task" in self.__dict__:  # no task, or an inner super().__init__
+            return init(self, *args, **kwargs)
+        spec = make_task(task, n_classes=kwargs.get("n_classes", 1))
+        if spec.type == "classification":
+            kwargs.setdefault("n_classes", spec.head_dim)
+            return init(self, *args, **kwargs)
+        if kwargs.get("n_classes", spec.head_dim) != spec.head_dim:
+            raise ValueError(
+                f"n_classes={kwargs['n_classes']} does not fit the {spec.type} task, whose head has {spec.head_dim} "
+                f"outputs ({spec.to_config()}); leave n_classes out"
+            )
+        kwargs["n_classes"] = spec.head_dim
+        object.__setattr__(self, "_pending_task", spec)  # read (and removed) by MILModel.__init__
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            self.__dict__.pop("_pending_task", None)
+
+    return constructor

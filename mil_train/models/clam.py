@@ -109,6 +109,8 @@ class _CLAM(MILModel):
         out = self._pool_and_classify(H, mask)
         branch_weights = out.attention_by_class if out.attention_by_class is not None else out.attention.unsqueeze(1)
         cls = self.classification_loss(out.logits, batch["Y"])
+        if not self.is_classifier:  # instance clustering needs class labels: regression/survival train "cls" alone
+            return out.logits, {"cls": cls}
         instance = self.instance(H, branch_weights, batch["Y"], mask).mean()
         if self.bag_weight is None:  # torchmil's weighting: both terms weigh 1
             return out.logits, {"cls": cls, "instance": instance}

@@ -96,8 +96,12 @@ class DTFDMIL(MILModel):
     def tier1_loss(self, pseudo_logits: torch.Tensor, nonempty: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
         """Mean over bags of the mean pseudo-bag loss over that bag's non-empty pseudo-bags."""
         batch, groups = nonempty.shape
-        labels = Y.reshape(batch, 1).expand(-1, groups).reshape(-1)  # (batch * G,): each pseudo-bag gets Y
         flat_logits = pseudo_logits.reshape(batch * groups, -1)  # (batch * G, n_classes)
+        if not self.is_classifier:  # regression/survival: the task's loss over the non-empty pseudo-bags
+            labels = Y.reshape(batch, 1, -1).expand(-1, groups, -1).reshape(batch * groups, -1)  # (batch * G, C)
+            keep = nonempty.reshape(-1) > 0  # (batch * G,)
+            return self.task.loss(flat_logits[keep], labels[keep])
+        labels = Y.reshape(batch, 1).expand(-1, groups).reshape(-1)  # (batch * G,): each pseudo-bag gets Y
         if self.n_classes == 1:
             losses = nn.functional.binary_cross_entropy_with_logits(
                 flat_logits.reshape(-1), labels.float(), reduction="none"

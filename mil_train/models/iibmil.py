@@ -183,6 +183,8 @@ class IIBMIL(MILModel):
     def compute_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         mask = batch.get("mask", None)
         H, instance_logits, bag_logits = self.encode(batch["X"], mask)
+        if not self.is_classifier:  # prototypes are per class: regression/survival train "cls" alone
+            return bag_logits, {"cls": self.classification_loss(bag_logits, batch["Y"])}
         terms = {
             "cls": self.classification_loss(bag_logits, batch["Y"]),
             "instance": self.instance_loss(H, instance_logits, mask, batch["Y"]),
