@@ -5,6 +5,7 @@ from mil_train.models.registry import create_model, get_model_class, list_models
 from mil_train.models.abmil import ABMIL
 from mil_train.models.camil import CAMIL
 from mil_train.models.clam import CLAM_MB, CLAM_SB
+from mil_train.models.composed import Composed
 from mil_train.models.dsmil import DSMIL
 from mil_train.models.dtfdmil import DTFDMIL
 from mil_train.models.gtp import GTP
@@ -30,6 +31,7 @@ __all__ = [
     "CAMIL",
     "CLAM_MB",
     "CLAM_SB",
+    "Composed",
     "DSMIL",
     "DTFDMIL",
     "GTP",

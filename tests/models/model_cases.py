@@ -16,6 +16,10 @@ SMALL_CONFIGS: dict[str, dict[str, Any]] = {
     "CAMIL": {"nystrom_att_dim": 32, "pool_att_dim": 32, "n_landmarks": 16},
     "CLAM_SB": {"att_dim": 32},
     "CLAM_MB": {"att_dim": 32},
+    # the registry asks the class whether a model reads a graph, and Composed's class answers for its
+    # default composition (none): so a composition without a graph block here; tests/models/test_composed.py
+    # checks every composition of layer x pool (torchmil parity, padding, export)
+    "Composed": {"pool": "max"},
     "DSMIL": {"att_dim": 32},
     "DTFDMIL": {"att_dim": 32},
     "GTP": {"att_dim": 32, "n_heads": 4},
