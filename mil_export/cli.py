@@ -104,8 +104,10 @@ def model_command(checkpoint, output, encoder_onnx, class_names, tile_px, mpp, o
         verbose=verbose,
     )
     metadata = read_metadata(path)
+    outputs = (f"{metadata.n_classes} output(s) {metadata.names}" if metadata.is_classifier
+               else f"{metadata.task_type} outputs {', '.join(metadata.outputs)}")
     click.echo(
-        f"wrote {path}: {metadata.model_name}, {metadata.n_classes} output(s) {metadata.names}, "
+        f"wrote {path}: {metadata.model_name}, {outputs}, "
         f"{metadata.feature_dim}-d features, inputs {', '.join(metadata.inputs)}"
     )
 

@@ -67,6 +67,8 @@ class ContractWrapper(nn.Module):
         coords: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         out = self.model(features, mask, edge_index=edge_index, edge_weight=edge_weight, coords=coords)
+        if not self.model.is_classifier:  # regression: values; survival: risk (+ hazards, survival)
+            return (*self.model.task.outputs(out.logits).values(), out.attention)
         probabilities = self.model.probabilities(out.logits)  # (batch, n_classes)
         outputs = [out.logits, probabilities, out.attention]
         for name in self.optional:  # attention_by_class (batch, n_classes, bag), instance_probabilities (batch, bag, n_classes)
@@ -95,7 +97,10 @@ def exports_class_attention(model: MILModel) -> bool:
 
 
 def output_names(model: MILModel) -> list[str]:
-    """The contract outputs `model`'s graph has, in order."""
+    """The contract outputs `model`'s graph has, in order: its task's (contract.task_outputs), then
+    for classifiers the optional per-class outputs."""
+    if not model.is_classifier:
+        return contract.task_outputs(model.task.type, model.task.to_config())
     names = list(contract.MIL_OUTPUTS)
     if exports_class_attention(model):
         names.append(contract.ATTENTION_BY_CLASS)
@@ -295,7 +300,13 @@ def build_metadata(
     provenance: dict | None = None,
     feature_stats: dict | None = None,
 ) -> ModelMetadata:
-    """The milkit metadata for `model`, validated before anything is exported."""
+    """The milkit metadata for `model`, validated before anything is exported.
+
+    Regression models take `class_names` as their target names (one per target), when given.
+    """
+    if not model.is_classifier:
+        return _task_metadata(model, target_names=class_names, encoder=encoder, tiling=tiling,
+                              provenance=provenance, feature_stats=feature_stats)
     n_classes = model.n_classes
     names = list(class_names) if class_names is not None else contract.default_class_names(n_classes)
     if len(names) != max(n_classes, 2):
@@ -326,6 +337,34 @@ def build_metadata(
         version=__version__,
         provenance=dict(provenance or {}),
         feature_stats=feature_stats,
+    )
+    metadata.validate(source=f"{model.name} metadata")
+    return metadata
+
+
+def _task_metadata(model: MILModel, *, target_names, encoder, tiling, provenance, feature_stats) -> ModelMetadata:
+    """Metadata of a regression or survival model: milkit.task {"type", **the task's config}."""
+    options = {k: v for k, v in model.task.metadata().items() if k != "type"}
+    if model.task.type == contract.REGRESSION:
+        names = list(target_names) if target_names is not None else options.get("target_names")
+        options["target_names"] = list(names) if names else contract.default_target_names(model.task.head_dim)
+        if len(options["target_names"]) != model.task.head_dim:
+            raise InvalidInputError(
+                f"{len(options['target_names'])} target names given for a regression model with "
+                f"{model.task.head_dim} targets"
+            )
+    encoder_ref = _coerce(encoder, EncoderRef, "encoder")
+    in_dim = int(model.config["in_dim"])
+    if encoder_ref is not None and int(encoder_ref.output_dim) != in_dim:
+        raise ContractMismatchError(
+            f"encoder {encoder_ref.name} gives {encoder_ref.output_dim}-d features but the model takes "
+            f"{in_dim}-d; export with the encoder the model was trained on"
+        )
+    metadata = ModelMetadata(
+        kind="mil", model_name=model.name, feature_dim=in_dim, inputs=input_names(model),
+        outputs=output_names(model), model_config=dict(model.config), graph=model.graph_rule, encoder=encoder_ref,
+        tiling=_coerce(tiling, Tiling, "tiling"), version=__version__, provenance=dict(provenance or {}),
+        feature_stats=feature_stats, task_type=model.task.type, task_options=options,
     )
     metadata.validate(source=f"{model.name} metadata")
     return metadata

@@ -119,6 +119,9 @@ def _run_both(session, model: MILModel, features: torch.Tensor, lengths: Sequenc
     with torch.inference_mode():
         optional = {name: inputs[name] for name in contract.MIL_OPTIONAL_INPUTS if name in inputs}
         out = model(inputs[contract.FEATURES], inputs[contract.MASK], **optional)
+        if not model.is_classifier:  # regression / survival: the task's outputs, then attention
+            eager = {**model.task.outputs(out.logits), contract.ATTENTION: out.attention}
+            return ort_out, {name: value.float().numpy() for name, value in eager.items()}
         eager = {
             contract.LOGITS: out.logits,
             contract.PROBABILITIES: model.probabilities(out.logits),
@@ -148,7 +151,8 @@ def _scaled_error(ort_out: dict, eager_out: dict) -> float:
 
 def _padding_drift(padded: dict, alone: dict, n: int) -> float:
     """How far bag 0 of the padded batch is from the same bag alone (attention padding must be 0)."""
-    drift = [np.abs(padded[name][0] - alone[name][0]).max() for name in (contract.LOGITS, contract.PROBABILITIES)]
+    bag_outputs = [name for name in alone if name not in (contract.ATTENTION, *contract.MIL_OPTIONAL_OUTPUTS)]
+    drift = [np.abs(padded[name][0] - alone[name][0]).max() for name in bag_outputs]  # logits, risk, values, ...
     drift.append(np.abs(padded[contract.ATTENTION][0, :n] - alone[contract.ATTENTION][0]).max())
     drift.append(np.abs(padded[contract.ATTENTION][0, n:]).max(initial=0.0))
     if contract.ATTENTION_BY_CLASS in alone:  # (batch, n_classes, bag): every class's map, same rule
@@ -212,7 +216,8 @@ def validate_onnx(
 def format_table(rows: Sequence[ValidationRow]) -> str:
     """Rows as an aligned text table, one line per (bag size, padded)."""
     optional = [name for name in contract.MIL_OPTIONAL_OUTPUTS if any(name in row.errors for row in rows)]
-    columns = [*contract.MIL_OUTPUTS, *optional, PADDING_ERROR]
+    task_columns = [name for name in (rows[0].errors if rows else {}) if name not in (*optional, PADDING_ERROR)]
+    columns = [*(task_columns or contract.MIL_OUTPUTS), *optional, PADDING_ERROR]
     widths = {name: max(15, len(name)) for name in columns}
     header = f"{'bag':>7} {'padded':>6} " + " ".join(f"{name:>{widths[name]}}" for name in columns)
     lines = [header]

@@ -15,6 +15,8 @@ JSON. Keys (all prefixed ``milkit.``):
 | kind             | "mil" or "encoder"                                                      |
 | model            | JSON {"name": registry name, "config": constructor kwargs}              |
 | task             | JSON {"n_classes": int, "class_names": [...], "activation": "sigmoid"/"softmax"} |
+|                  | for classifiers (no "type" key: every older file is one); regression and |
+|                  | survival models: {"type": "regression"/"survival", ...} (`TASK_TYPES`)   |
 | feature_dim      | integer: D of `features` (mil) or of the output (encoder)               |
 | inputs           | JSON list of input names, e.g. ["features", "mask"]                     |
 | outputs          | JSON list of output names, e.g. ["logits", "probabilities", "attention"] |
@@ -33,6 +35,13 @@ Adding the optional `instance_probabilities` output kept schema 1 too: it is lis
 so a runtime that does not know it refuses the file with "upgrade milkit" rather than misreading it.
 
 Adding the optional `milkit.feature_stats` also kept schema 1: older files lack it and are not checked.
+
+Regression and survival models (added later, schema still 1) declare `"type"` in milkit.task and have
+their task's outputs instead of `logits` / `probabilities` (`task_outputs`): regression `values`
+[batch, n_targets]; survival `risk` [batch], plus `hazards` and `survival` [batch, n_bins] for the
+discrete-time hazard head ("loss": "nll"). `attention` stays. A runtime older than them refuses such a
+file (its milkit.task has no n_classes, exit 4) rather than misreading it. A task dict without "type"
+is a classifier, so every older file reads unchanged.
 """
 
 from __future__ import annotations
@@ -62,6 +71,15 @@ ATTENTION_BY_CLASS = "attention_by_class"
 # instance classifier, exactly 0 on padding; binary models (n_classes=1) give [batch, bag, 1], the
 # positive class. Only models with an instance classifier (DSMIL, CLAM_SB, CLAM_MB, IIBMIL) have it.
 INSTANCE_PROBABILITIES = "instance_probabilities"
+# Regression and survival heads (milkit.task "type"): what they output instead of logits / probabilities
+VALUES = "values"  # float32 [batch, n_targets]: regression predictions, in the targets' units
+RISK = "risk"  # float32 [batch]: survival risk, higher = earlier event (Cox: log relative hazard)
+HAZARDS = "hazards"  # float32 [batch, n_bins]: discrete-time hazard of each time bin
+SURVIVAL = "survival"  # float32 [batch, n_bins]: probability of being event-free at the end of each bin
+
+CLASSIFICATION, REGRESSION, SURVIVAL_TASK = "classification", "regression", "survival"
+TASK_TYPES = (CLASSIFICATION, REGRESSION, SURVIVAL_TASK)
+SURVIVAL_METHODS = ("nll", "cox")  # discrete-time hazards (PatchGCN/MCAT NLL) or Cox partial likelihood
 
 MIL_REQUIRED_INPUTS = (FEATURES, MASK)
 MIL_OPTIONAL_INPUTS = (EDGE_INDEX, EDGE_WEIGHT, COORDS)
@@ -78,6 +96,21 @@ BAG_AXIS = "bag"
 EDGES_AXIS = "edges"
 
 KINDS = ("mil", "encoder")
+
+
+def task_outputs(task_type: str, task: dict[str, Any] | None = None) -> list[str]:
+    """The outputs a MIL graph of this task has, in order (optional classification outputs follow)."""
+    if task_type == REGRESSION:
+        return [VALUES, ATTENTION]
+    if task_type == SURVIVAL_TASK:
+        method = (task or {}).get("loss", "nll")
+        return [RISK, ATTENTION] if method == "cox" else [RISK, HAZARDS, SURVIVAL, ATTENTION]
+    return list(MIL_OUTPUTS)
+
+
+def default_target_names(n_targets: int) -> list[str]:
+    """A regression model's value names when it records none: "value", or value_0 ... value_{k-1}."""
+    return ["value"] if n_targets == 1 else [f"value_{i}" for i in range(n_targets)]
 
 
 def standard_outputs(kind: str) -> list[str]:
@@ -121,9 +154,22 @@ class ModelMetadata:
     provenance: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     feature_stats: dict[str, Any] | None = None  # FEATURE_STATS_FIELDS; None: no out-of-domain check
+    task_type: str = CLASSIFICATION  # TASK_TYPES
+    # regression: {"n_targets", "target_names", ...}; survival: {"loss", "n_bins", "bin_edges", ...}; {} otherwise
+    task_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.outputs = standard_outputs(self.kind) if self.outputs is None else list(self.outputs)
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.task_type == CLASSIFICATION
+
+    @property
+    def target_names(self) -> list[str]:
+        """A regression model's value names (milkit.task target_names, else `default_target_names`)."""
+        names = self.task_options.get("target_names")
+        return list(names) if names else default_target_names(int(self.task_options.get("n_targets", 1)))
 
     @property
     def has_class_attention(self) -> bool:
@@ -139,8 +185,10 @@ class ModelMetadata:
     def to_props(self) -> dict[str, str]:
         """The `metadata_props` key/value strings to store in an ONNX file."""
         task = None
-        if self.kind == "mil":
+        if self.kind == "mil" and self.is_classifier:  # written as before the other tasks existed
             task = {"n_classes": self.n_classes, "class_names": self.class_names, "activation": self.activation}
+        elif self.kind == "mil":
+            task = {"type": self.task_type, **self.task_options}
         values = {
             "schema_version": str(self.schema_version),
             "kind": self.kind,
@@ -211,6 +259,11 @@ class ModelMetadata:
 
         expect(isinstance(model, dict) and isinstance(model.get("name", ""), str)
                and isinstance(model.get("config", {}), dict), "model", 'a JSON object {"name": text, "config": {...}}')
+        expect(isinstance(task, dict) and task.get("type", CLASSIFICATION) in TASK_TYPES, "task",
+               f'a JSON object whose "type" (when present) is one of {list(TASK_TYPES)}; upgrade milkit')
+        task_type = task.get("type", CLASSIFICATION)
+        expect(task_type != CLASSIFICATION or task.get("n_classes") is None or whole(task["n_classes"]), "task",
+               'a JSON object {"n_classes": integer, ...}')
         expect(isinstance(task, dict) and (task.get("n_classes") is None or whole(task["n_classes"]))
                and (task.get("class_names") is None or (isinstance(task["class_names"], list)
                                                         and all(isinstance(n, str) for n in task["class_names"])))
@@ -251,6 +304,8 @@ class ModelMetadata:
             provenance=provenance or {},
             schema_version=version,
             feature_stats=get("feature_stats") if PREFIX + "feature_stats" in props else None,
+            task_type=task_type,
+            task_options={k: v for k, v in task.items() if k != "type"} if task_type != CLASSIFICATION else {},
         )
         meta.validate(source)
         return meta
@@ -265,28 +320,69 @@ class ModelMetadata:
             unknown = [n for n in self.inputs if n not in MIL_REQUIRED_INPUTS + MIL_OPTIONAL_INPUTS]
             if unknown:
                 raise ModelFormatError(f"{source}: unknown inputs {unknown} for schema {self.schema_version}")
-            if not self.n_classes or self.n_classes < 1:
-                raise ModelFormatError(f"{source}: task.n_classes must be >= 1")
-            if self.activation not in ("sigmoid", "softmax"):
-                raise ModelFormatError(f"{source}: task.activation must be sigmoid or softmax")
-            if self.class_names is not None and len(self.class_names) != max(self.n_classes, 2):
-                raise ModelFormatError(
-                    f"{source}: {len(self.class_names)} class names for n_classes={self.n_classes}"
-                )
-            if self.class_names is not None and len(set(self.class_names)) != len(self.class_names):
-                raise ModelFormatError(
-                    f"{source}: class names {self.class_names} are not unique; results are keyed by class name, "
-                    "re-export the model with distinct names"
-                )
+            if self.is_classifier:
+                self._validate_classes(source)
+            else:
+                self._validate_task_options(source)
             if (EDGE_INDEX in self.inputs) != (self.graph is not None):
                 raise ModelFormatError(f"{source}: graph inputs and milkit.graph disagree")
-            self._validate_mil_outputs(source)
+            if self.is_classifier:
+                self._validate_mil_outputs(source)
+            else:
+                self._validate_task_outputs(source)
             if self.feature_stats is not None:
                 check_feature_stats(self.feature_stats, self.feature_dim, source)
         elif self.outputs != [ENCODER_OUTPUT]:
             raise ModelFormatError(
                 f"{source}: an encoder has the one output {ENCODER_OUTPUT!r}, milkit.outputs lists {self.outputs}; "
                 "re-export the encoder with mil-export"
+            )
+
+    def _validate_classes(self, source: str) -> None:
+        if not self.n_classes or self.n_classes < 1:
+            raise ModelFormatError(f"{source}: task.n_classes must be >= 1")
+        if self.activation not in ("sigmoid", "softmax"):
+            raise ModelFormatError(f"{source}: task.activation must be sigmoid or softmax")
+        if self.class_names is not None and len(self.class_names) != max(self.n_classes, 2):
+            raise ModelFormatError(
+                f"{source}: {len(self.class_names)} class names for n_classes={self.n_classes}"
+            )
+        if self.class_names is not None and len(set(self.class_names)) != len(self.class_names):
+            raise ModelFormatError(
+                f"{source}: class names {self.class_names} are not unique; results are keyed by class name, "
+                "re-export the model with distinct names"
+            )
+
+    def _validate_task_options(self, source: str) -> None:
+        """Regression: n_targets >= 1 and unique target names; survival: a known method, bins that fit."""
+        options, fix = self.task_options, "; re-export the model"
+        if self.task_type == REGRESSION:
+            n_targets = options.get("n_targets", 1)
+            if not isinstance(n_targets, int) or isinstance(n_targets, bool) or n_targets < 1:
+                raise ModelFormatError(f"{source}: milkit.task n_targets must be an integer >= 1{fix}")
+            names = options.get("target_names")
+            if names is not None and (not isinstance(names, list) or len(names) != n_targets
+                                      or len(set(map(str, names))) != n_targets):
+                raise ModelFormatError(f"{source}: milkit.task target_names must be {n_targets} distinct names{fix}")
+            return
+        method = options.get("loss", "nll")
+        if method not in SURVIVAL_METHODS:
+            raise ModelFormatError(f"{source}: milkit.task loss {method!r} is not one of {list(SURVIVAL_METHODS)}; "
+                                   "upgrade milkit")
+        if method == "nll":
+            n_bins, edges = options.get("n_bins"), options.get("bin_edges")
+            if not isinstance(n_bins, int) or isinstance(n_bins, bool) or n_bins < 2:
+                raise ModelFormatError(f"{source}: milkit.task n_bins must be an integer >= 2{fix}")
+            if edges is not None and (not isinstance(edges, list) or len(edges) != n_bins - 1):
+                raise ModelFormatError(f"{source}: milkit.task bin_edges must be {n_bins - 1} times{fix}")
+
+    def _validate_task_outputs(self, source: str) -> None:
+        """A regression or survival graph has exactly its task's outputs (`task_outputs`)."""
+        expected = task_outputs(self.task_type, self.task_options)
+        if list(self.outputs or ()) != expected:
+            raise ModelFormatError(
+                f"{source}: a {self.task_type} model has the outputs {expected}, milkit.outputs lists {self.outputs}; "
+                "upgrade milkit or re-export the model"
             )
 
     def _validate_mil_outputs(self, source: str) -> None:

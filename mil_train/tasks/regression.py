@@ -24,6 +24,8 @@ class RegressionTask(Task):
             head learns the standardised target (Y - mean) / std, so the loss is scale-free and the
             default learning rates work for targets in any unit; `outputs` undoes it, so the exported
             `values` are in the targets' own units. None: mean 0, std 1 (raw targets).
+        target_names: a name per target (the exported file and mil-infer report values by name);
+            None: "value", or value_0, value_1, ...
     """
 
     type = "regression"
@@ -35,6 +37,7 @@ class RegressionTask(Task):
         delta: float = 1.0,
         target_mean: Sequence[float] | None = None,
         target_std: Sequence[float] | None = None,
+        target_names: Sequence[str] | None = None,
     ) -> None:
         if n_targets < 1:
             raise ValueError(f"n_targets must be >= 1, got {n_targets}")
@@ -48,6 +51,9 @@ class RegressionTask(Task):
         self.target_std = _per_target(target_std, n_targets, 1.0, "target_std")
         if any(s <= 0 for s in self.target_std):
             raise ValueError(f"target_std must be > 0, got {self.target_std}")
+        self.target_names = None if target_names is None else [str(n) for n in target_names]
+        if self.target_names is not None and len(set(self.target_names)) != n_targets:
+            raise ValueError(f"target_names must be {n_targets} distinct names, got {self.target_names}")
 
     def _scale(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean = torch.tensor(self.target_mean, dtype=like.dtype, device=like.device)  # (n_targets,)
@@ -79,8 +85,11 @@ class RegressionTask(Task):
         return regression_metrics(self.targets(Y, logits.shape[0]).numpy(), values)
 
     def to_config(self) -> dict[str, Any]:
-        return {"type": self.type, "n_targets": self.n_targets, "loss": self.loss_name, "delta": self.delta,
-                "target_mean": list(self.target_mean), "target_std": list(self.target_std)}
+        config = {"type": self.type, "n_targets": self.n_targets, "loss": self.loss_name, "delta": self.delta,
+                  "target_mean": list(self.target_mean), "target_std": list(self.target_std)}
+        if self.target_names is not None:
+            config["target_names"] = list(self.target_names)
+        return config
 
 
 def _per_target(values: Sequence[float] | float | None, n: int, default: float, what: str) -> list[float]:

@@ -73,7 +73,9 @@ class SurvivalTask(Task):
         if self.loss_name == "cox":
             return {"risk": logits[:, 0]}  # (batch,)
         hazards = torch.sigmoid(logits)  # (batch, n_bins)
-        survival = torch.cumprod(1.0 - hazards, dim=1)  # (batch, n_bins)
+        # S_k = prod_{j <= k} (1 - h_j) as exp of a cumulative sum of log-sigmoids: exact where 1 - h
+        # rounds to 0 in float32, and it exports to ONNX (cumprod does not)
+        survival = torch.exp(torch.cumsum(torch.nn.functional.logsigmoid(-logits), dim=1))  # (batch, n_bins)
         return {"risk": -survival.sum(dim=1), "hazards": hazards, "survival": survival}
 
     def metrics(self, logits: torch.Tensor, Y: torch.Tensor) -> dict[str, float]:
