@@ -237,7 +237,19 @@ def report_failure(exc: BaseException, path: Path | None) -> int:
 
 
 def human_line(path: Path, outcome: Outcome) -> str:
+    summary = task_summary((outcome.result or {}).get("prediction") or {})
+    if summary is not None:  # regression / survival: no class
+        return f"{path}: {summary} ({outcome.n_instances} {outcome.unit})"
     return f"{path}: {outcome.class_name} (p={outcome.probability:.3f}, {outcome.n_instances} {outcome.unit})"
+
+
+def task_summary(prediction: dict[str, Any]) -> str | None:
+    """`risk=0.412` (survival) or `age=63.1, grade=2.04` (regression); None for a classifier's prediction."""
+    if "risk" in prediction:
+        return f"risk={float(prediction['risk']):.4g}"
+    if "values" in prediction:
+        return ", ".join(f"{name}={float(value):.4g}" for name, value in prediction["values"].items())
+    return None
 
 
 def result_name(path: Path) -> str:

@@ -5,6 +5,8 @@
     prediction.predicted_name, prediction.class_probabilities, prediction.attention
     prediction.attention_by_class    # {class name: (N,)} for multi-branch models, else None
     prediction.instance_probabilities  # {class name: (N,)} for models with an instance classifier, else None
+    prediction.risk, prediction.survival  # survival models (prediction.task == "survival")
+    prediction.values                     # regression models: {target name: value}
 
 Inputs are validated before onnxruntime sees them (feature dim, NaN/Inf, empty bag, coords for
 graph and spatial models), so every refusal is a milkit error with a message that says what to do.
@@ -40,6 +42,14 @@ class Prediction:
                            that class's evidence, from the model's instance classifier (the
                            `instance_probabilities` output), in class order; binary models give one
                            key, the positive class (class_names[1]). None for models without one.
+
+    Regression and survival models (`task` "regression" / "survival") have no classes: logits,
+    probabilities and class_probabilities are empty, class_names is [], predicted_index -1,
+    predicted_name None and probability NaN. Instead:
+    risk:                  survival: the bag's risk (higher = earlier event; Cox: log relative hazard).
+    hazards, survival:     survival with a discrete-time hazard head: (n_bins,) hazard of each time bin
+                           and probability of being event-free at its end (None for Cox models).
+    values:                regression: {target name: predicted value}, in the targets' units.
     """
 
     logits: np.ndarray
@@ -50,15 +60,33 @@ class Prediction:
     attention: np.ndarray
     attention_by_class: dict[str, np.ndarray] | None = None
     instance_probabilities: dict[str, np.ndarray] | None = None
+    task: str = contract.CLASSIFICATION
+    risk: float | None = None
+    hazards: np.ndarray | None = None
+    survival: np.ndarray | None = None
+    values: dict[str, float] | None = None
 
     @property
-    def predicted_name(self) -> str:
-        return self.class_names[self.predicted_index]
+    def predicted_name(self) -> str | None:
+        return self.class_names[self.predicted_index] if self.predicted_index >= 0 else None
 
     @property
     def probability(self) -> float:
-        """Probability of the predicted class."""
-        return float(self.class_probabilities[self.predicted_index])
+        """Probability of the predicted class (NaN for regression and survival models)."""
+        return float(self.class_probabilities[self.predicted_index]) if self.predicted_index >= 0 else float("nan")
+
+    def task_outputs(self) -> dict[str, object]:
+        """JSON-ready outputs of a regression or survival model ({} for classifiers):
+        {"risk", "hazards", "survival"} (the last two for discrete-time hazard heads) or {"values"}."""
+        if self.task == contract.REGRESSION:
+            return {contract.VALUES: dict(self.values or {})}
+        if self.task != contract.SURVIVAL_TASK:
+            return {}
+        outputs: dict[str, object] = {contract.RISK: self.risk}
+        for name, curve in ((contract.HAZARDS, self.hazards), (contract.SURVIVAL, self.survival)):
+            if curve is not None:
+                outputs[name] = [float(v) for v in curve]
+        return outputs
 
     def probabilities_by_name(self) -> dict[str, float]:
         return {name: float(p) for name, p in zip(self.class_names, self.class_probabilities)}
@@ -73,7 +101,9 @@ class MILRunner(SessionRunner):
 
     def __init__(self, session: Session) -> None:
         super().__init__(session)
-        self.class_names = self.metadata.class_names or default_class_names(self.metadata.n_classes)
+        self.task = self.metadata.task_type
+        self.class_names = (self.metadata.class_names or default_class_names(self.metadata.n_classes)
+                            if self.metadata.is_classifier else [])
         self._check_graph_signature()
 
     @property
@@ -109,6 +139,8 @@ class MILRunner(SessionRunner):
                 f"{source}: graph outputs {sorted(graph_outputs)} differ from milkit.outputs "
                 f"{sorted(self.metadata.outputs)}; re-export the model with mil-export"
             )
+        if not self.metadata.is_classifier:
+            return self._check_task_widths(graph_outputs, source)
         n_classes = self.metadata.n_classes
         width = graph_outputs[contract.LOGITS].shape[-1]
         if isinstance(width, int) and width != n_classes:
@@ -129,6 +161,19 @@ class MILRunner(SessionRunner):
                     f"{source}: {contract.INSTANCE_PROBABILITIES} has shape {shape}, expected "
                     f"[batch, bag, {n_classes}]; re-export the model"
                 )
+
+    def _check_task_widths(self, graph_outputs: dict, source: str) -> None:
+        """Regression values have n_targets columns; survival curves n_bins; risk is one number per bag."""
+        options = self.metadata.task_options
+        widths = {contract.VALUES: options.get("n_targets", 1), contract.HAZARDS: options.get("n_bins"),
+                  contract.SURVIVAL: options.get("n_bins")}
+        for name, width in widths.items():
+            shape = graph_outputs[name].shape if name in graph_outputs else None
+            if shape is not None and (len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != width)):
+                raise ModelFormatError(f"{source}: {name} has shape {shape}, expected [batch, {width}]; re-export the model")
+        if contract.RISK in graph_outputs and len(graph_outputs[contract.RISK].shape) != 1:
+            raise ModelFormatError(f"{source}: risk has shape {graph_outputs[contract.RISK].shape}, expected [batch]; "
+                                   "re-export the model")
 
     # -- validation ----------------------------------------------------------------------------
     def _check_features(self, features: np.ndarray, source: str) -> np.ndarray:
@@ -270,6 +315,8 @@ class MILRunner(SessionRunner):
         sizes = [len(f) for f in checked_features]
         features, mask = _padded(checked_features, sizes)
         outputs = self._run(self._feeds(features, mask, checked_coords))
+        if not self.metadata.is_classifier:
+            return [self._task_prediction(outputs, b, sizes[b]) for b in range(len(bags))]
         by_class = outputs.get(contract.ATTENTION_BY_CLASS)  # (B, C, N) or None
         instance = outputs.get(contract.INSTANCE_PROBABILITIES)  # (B, N, C) or None
         return [
@@ -282,6 +329,23 @@ class MILRunner(SessionRunner):
             )
             for b in range(len(bags))
         ]
+
+
+    def _task_prediction(self, outputs: dict, b: int, size: int) -> Prediction:
+        """Bag b's Prediction from a regression or survival graph's outputs."""
+        empty = np.zeros(0, dtype=np.float32)
+        fields: dict = {}
+        if self.task == contract.REGRESSION:
+            row = outputs[contract.VALUES][b]  # (n_targets,)
+            fields["values"] = {name: float(v) for name, v in zip(self.metadata.target_names, row)}
+        else:
+            fields["risk"] = float(outputs[contract.RISK][b])
+            for name in (contract.HAZARDS, contract.SURVIVAL):
+                if name in outputs:
+                    fields[name] = outputs[name][b].astype(np.float32)  # (n_bins,)
+        return Prediction(logits=empty, probabilities=empty, class_probabilities=empty, class_names=[],
+                          predicted_index=-1, attention=outputs[contract.ATTENTION][b, :size].astype(np.float32),
+                          task=self.task, **fields)
 
 
 def _padded(bags: list[np.ndarray], sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:

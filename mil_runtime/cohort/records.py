@@ -225,6 +225,7 @@ def write_predictions_table(out: Path) -> Path:
     items, job, identity = read_cohort_manifest(out)
     rows = []
     classes: dict[str, None] = {}
+    task_columns: dict[str, None] = {}  # risk, value_<target>: regression and survival models
     for item in items:
         state, record, _ = item_state(item, job, identity, verify_hashes=False)
         row: dict[str, Any] = {"input": str(item.input), "stem": item.stem, "status": state}
@@ -232,15 +233,17 @@ def write_predictions_table(out: Path) -> Path:
             prediction = prediction_of(record) or {}
             probabilities = prediction.get("probabilities") or {}
             classes.update(dict.fromkeys(probabilities))
+            task_values = prediction.get("task_values") or {}
+            task_columns.update(dict.fromkeys(task_values))
             files = sorted(((record or {}).get("output_set") or {}).get("files") or {})
             row.update(class_name=prediction.get("class_name"), n_tiles=prediction.get("n_tiles"),
-                       probabilities=probabilities,
+                       probabilities=probabilities, **task_values,
                        record=os.path.relpath(Path(item.out_dir) / f"{item.stem}.json", out),
                        outputs=";".join(os.path.relpath(Path(item.out_dir) / name, out) for name in files))
         elif state == "failed":
             row.update(error_code=(record or {}).get("code"), error_line=(record or {}).get("line"))
         rows.append(row)
-    columns = ["input", "stem", "status", "class_name", *[f"p_{name}" for name in classes], "n_tiles",
+    columns = ["input", "stem", "status", "class_name", *[f"p_{name}" for name in classes], *task_columns, "n_tiles",
                "error_code", "error_line", "record", "outputs"]
     path = out / TABLE_NAME
     with cohort_records_claim(out), atomic_write(path) as handle:

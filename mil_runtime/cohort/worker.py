@@ -173,12 +173,19 @@ def release_stale_claim(item: CohortItem) -> None:
 
 
 def prediction_of(record: dict | None) -> dict | None:
-    """{"class_name", "probabilities", "n_tiles"} of a result document, for the cohort table."""
+    """{"class_name", "probabilities", "n_tiles", "task_values"} of a result document, for the cohort
+    table; task_values: a survival model's {"risk"}, a regression model's {"value_<target>": value}."""
     if not isinstance(record, dict):
         return None
-    return {"class_name": (record.get("prediction") or {}).get("class_name"),
+    prediction = record.get("prediction") or {}
+    task_values: dict = {}
+    if "risk" in prediction:
+        task_values["risk"] = prediction["risk"]
+    for name, value in (prediction.get("values") or {}).items():
+        task_values[f"value_{name}"] = value
+    return {"class_name": prediction.get("class_name"),
             "probabilities": dict(record.get("probabilities") or {}),
-            "n_tiles": record.get("n_instances")}
+            "n_tiles": record.get("n_instances"), "task_values": task_values}
 
 
 class SlideWorker:

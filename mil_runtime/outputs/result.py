@@ -18,6 +18,11 @@
       "tiles": [{"x", "y", "attention"}]          level-0 px top-left corners; x, y null without coords
     }
 
+Regression and survival models (model "task" "regression" / "survival") have no classes: their
+"prediction" holds the task's outputs instead, {"risk", "hazards", "survival"} (the curves for
+discrete-time hazard heads only, one number per time bin, with the model's "bin_edges" beside them)
+or {"values": {target name: value}}, and the document has no "probabilities" or "logits".
+
 Models with one attention map per class (Prediction.attention_by_class) give every tile one more
 field, "attention_by_class": {class name: weight}; "attention" stays the model's `attention` (the
 predicted class's map). Other models' tiles have no such field.
@@ -37,14 +42,26 @@ from mil_runtime.contract import default_class_names
 def model_identity(runner: Any) -> dict[str, Any]:
     """Which model file made the prediction (MILRunner)."""
     meta = runner.metadata
-    return {
+    identity = {
         "name": meta.model_name,
         "file": str(runner.path),
         "sha256": runner.sha256,
         "milkit_version": meta.version,
-        "n_classes": meta.n_classes,
-        "class_names": list(meta.class_names or default_class_names(meta.n_classes)),
     }
+    if not meta.is_classifier:  # the task and what its outputs mean (bins, target names)
+        return {**identity, "task": meta.task_type, **_task_description(meta)}
+    return {**identity, "n_classes": meta.n_classes,
+            "class_names": list(meta.class_names or default_class_names(meta.n_classes))}
+
+
+def _task_description(meta: Any) -> dict[str, Any]:
+    options = meta.task_options
+    if meta.task_type == "regression":
+        return {"target_names": meta.target_names}
+    described: dict[str, Any] = {"survival_method": options.get("loss", "nll")}
+    if options.get("loss", "nll") == "nll":
+        described.update(n_bins=options.get("n_bins"), bin_edges=options.get("bin_edges"))
+    return described
 
 
 def encoder_identity(runner: Any, name: str | None, sha256: str | None, *, file: Any = None,
@@ -101,6 +118,10 @@ def result_document(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One input's result in the schema above (`extra` holds the slide-only fields)."""
+    if not runner.metadata.is_classifier:
+        return _task_document(input_path=input_path, input_type=input_type, runner=runner, prediction=prediction,
+                              encoder=encoder, xy_level0=xy_level0, mpp=mpp, tiling=tiling, timings=timings,
+                              warnings=warnings, extra=extra)
     return {
         "milkit_version": __version__,
         "input": {"path": str(input_path), "type": input_type},
@@ -113,6 +134,26 @@ def result_document(
         },
         "probabilities": prediction.probabilities_by_name(),
         "logits": [float(v) for v in prediction.logits],
+        "n_instances": int(len(prediction.attention)),
+        "mpp": mpp,
+        "tiling": tiling,
+        "device": runner.device,
+        "timings_s": rounded_timings(timings),
+        "warnings": list(warnings),
+        **(extra or {}),
+        "tiles": tiles_field(xy_level0, prediction.attention, prediction.attention_by_class),
+    }
+
+
+def _task_document(*, input_path, input_type, runner, prediction, encoder, xy_level0, mpp, tiling, timings,
+                   warnings, extra) -> dict[str, Any]:
+    """A regression or survival model's result: the task's outputs as "prediction", no classes."""
+    return {
+        "milkit_version": __version__,
+        "input": {"path": str(input_path), "type": input_type},
+        "model": model_identity(runner),
+        "encoder": encoder,
+        "prediction": prediction.task_outputs(),
         "n_instances": int(len(prediction.attention)),
         "mpp": mpp,
         "tiling": tiling,
