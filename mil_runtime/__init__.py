@@ -12,6 +12,7 @@ onnxruntime is imported when a model is loaded, not when this package is importe
 from mil_runtime import errors
 from mil_runtime._version import __version__
 from mil_runtime.features_io import FeatureFile, read_feature_file, write_feature_file
+from mil_runtime.images import predict_images
 from mil_runtime.model import MILRunner, Prediction, load_model
 
 
@@ -28,6 +29,7 @@ __all__ = [
     "run_cohort",
     "errors",
     "load_model",
+    "predict_images",
     "MILRunner",
     "Prediction",
     "FeatureFile",

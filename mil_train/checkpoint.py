@@ -34,7 +34,14 @@ def save_checkpoint(
     feature_stats: dict[str, Any] | None = None,
     training_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write atomically (temp file, then rename) so a crash never leaves half a checkpoint."""
+    """Write atomically (temp file, then rename) so a crash never leaves half a checkpoint.
+
+    A model with an unregistered feature extractor is refused (ValueError): the checkpoint could not
+    rebuild it from a name and config under weights_only=True."""
+    from mil_train.feat_ext import feat_ext_of, feature_extractor_spec
+
+    if feat_ext_of(model) is not None:
+        feature_extractor_spec(model.feat_ext)
     path = Path(path)
     payload = {
         "format": FORMAT,
