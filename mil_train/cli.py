@@ -140,13 +140,19 @@ def _clam_labels(table: Path) -> dict[str, str]:
         return labels
 
 
-def _load_clam_folder(root: Path, labels_csv: Path | None) -> tuple[list, list[str] | None]:
-    from mil_train.data.readers import read_clam_h5
+def _load_clam_folder(root: Path, labels_csv: Path | None, task: TaskOptions | None = None) -> tuple[list, list[str] | None]:
+    from mil_train.data.readers import read_clam_h5, read_label_table
 
     if labels_csv is None:
         raise InvalidInputError(f"{root} holds .h5 feature files without labels; pass --labels table.csv (slide_id,label)")
-    table = _clam_labels(labels_csv)
     files = sorted(root.glob("*.h5"))
+    if task is not None and task.type != "classification":  # numeric label columns: (time, event) or targets
+        numeric = read_label_table(labels_csv, task.columns, survival=task.type == "survival")
+        missing = [p.stem for p in files if p.stem not in numeric]
+        if missing:
+            raise InvalidInputError(f"{labels_csv} has no row for {missing[:3]} ({len(missing)} files); add rows for them")
+        return [read_clam_h5(p, label=numeric[p.stem]) for p in files], None
+    table = _clam_labels(labels_csv)
     missing = [p.stem for p in files if p.stem not in table]
     if missing:
         raise InvalidInputError(f"{labels_csv} has no label for {missing[:3]} ({len(missing)} files); add rows for them")
@@ -168,8 +174,9 @@ def _is_int(text: str) -> bool:
         return False
 
 
-def load_bags(data: Path, labels_csv: Path | None = None) -> tuple[list, list[str] | None]:
-    """Bags from DATA (see the module docstring) and class names when the data names them."""
+def load_bags(data: Path, labels_csv: Path | None = None, task: TaskOptions | None = None) -> tuple[list, list[str] | None]:
+    """Bags from DATA (see the module docstring) and class names when the data names them; with a
+    regression or survival `task`, a .h5 folder's labels come from the task's columns of --labels."""
     from mil_train.data.readers import read_mil_csv
     from mil_train.data.torchmil_folder import TorchmilFolderDataset
 
@@ -182,7 +189,7 @@ def load_bags(data: Path, labels_csv: Path | None = None) -> tuple[list, list[st
             dataset = TorchmilFolderDataset(data)
             return [dataset[i] for i in range(len(dataset))], None
         if data.is_dir() and any(data.glob("*.h5")):
-            return _load_clam_folder(data, labels_csv)
+            return _load_clam_folder(data, labels_csv, task)
     except MilkitError:
         raise
     except FileNotFoundError as exc:
@@ -251,7 +258,7 @@ def train(
     labels_csv: Path | None = None, device: str = "cpu", progress: bool = True, loss_weights: tuple[str, ...] = (),
     allow_one_class: bool = False, precision: str = "fp32",
     folds: int | None = None, resume: bool = False, class_weights: str = "none", balanced_sampler: bool = False,
-    log_dir: Path | None = None,
+    log_dir: Path | None = None, task: TaskOptions | None = None,
 ) -> dict[str, Any]:
     """What `mil-train` does; returns the best epoch's logged row (with --folds, the folds' summary).
 
@@ -268,7 +275,7 @@ def train(
             batch_size=batch_size, val_fraction=val_fraction, patience=patience, seed=seed, log=log,
             class_names=class_names, labels_csv=labels_csv, device=device, progress=progress,
             loss_weights=loss_weights, allow_one_class=allow_one_class, precision=precision,
-            options=RunOptions(folds, resume, class_weights, balanced_sampler, log_dir),
+            options=RunOptions(folds, resume, class_weights, balanced_sampler, log_dir), task=task,
         )
     finally:
         if joined:
@@ -280,6 +287,7 @@ def _train(
     weight_decay: float, batch_size: int, val_fraction: float, patience: int | None, seed: int, log: Path | None,
     class_names: str | None, labels_csv: Path | None, device: str, progress: bool, loss_weights: tuple[str, ...],
     allow_one_class: bool, precision: str = "fp32", options: RunOptions | None = None,
+    task: TaskOptions | None = None,
 ) -> dict[str, Any]:
     from mil_train.models import create_model, list_models
     from mil_train.trainer import seed_everything
@@ -297,6 +305,12 @@ def _train(
         raise InvalidInputError(f"--precision fp16 needs --device cuda (got --device {device}); on the CPU use bf16")
     kwargs = parse_model_args(model_args)
     weights = parse_loss_weights(loss_weights)
+    if task is not None and task.type != "classification":
+        return _train_task(model_name, data, output, task, model_args=model_args, labels_csv=labels_csv,
+                           options=options, val_fraction=val_fraction, log=log, batch_size=batch_size,
+                           settings=dict(lr=lr, weight_decay=weight_decay, epochs=epochs, patience=patience, seed=seed,
+                                         device=device, progress=progress, class_names=None, loss_weights=weights,
+                                         precision=precision))
     bags, names_from_data = load_bags(data, labels_csv)
     labels = bag_labels(bags)
     check_finite(bags)
@@ -339,6 +353,67 @@ def _train(
     if options.folds:
         return cross_validate(output, val_fraction=val_fraction, log=log, **run)
     train_idx, val_idx = split(labels, val_fraction, seed)
+    trainer = fit_split(train_idx, val_idx, output, log=log, log_dir=options.log_dir, **run)
+    return trainer.history[trainer.best_epoch - 1]
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """--task, --label-columns, --task-arg: what the model predicts and from which label columns."""
+
+    type: str = "classification"
+    label_columns: str | None = None  # comma-separated; default time,event (survival) or label (regression)
+    args: tuple[str, ...] = ()  # KEY=VALUE options of the task (mil_train.tasks), e.g. loss=cox, n_bins=8
+
+    @property
+    def columns(self) -> list[str]:
+        if self.label_columns:
+            return [c.strip() for c in self.label_columns.split(",") if c.strip()]
+        return ["time", "event"] if self.type == "survival" else ["label"]
+
+
+def _train_task(model_name: str, data: Path, output: Path, task: TaskOptions, *, model_args: tuple[str, ...],
+                labels_csv: Path | None, options: RunOptions, val_fraction: float, log: Path | None,
+                batch_size: int, settings: dict[str, Any]) -> dict[str, Any]:
+    """mil-train for a regression or survival head (mil_train.tasks): labels checked, bins or target
+    scaling from the bags (mil_train.tasks.labels), split stratified by the event for survival."""
+    from mil_train.models import create_model
+    from mil_train.tasks.labels import prepare_task
+    from mil_train.trainer import seed_everything
+
+    if options.class_weights != "none" or options.balanced_sampler:
+        raise InvalidInputError(f"--class-weights and --balanced-sampler balance classes; a {task.type} model has none")
+    kwargs = parse_model_args(model_args)
+    if "n_classes" in kwargs:
+        raise InvalidInputError(f"--model-arg n_classes is for classifiers; a {task.type} head's width follows from "
+                                "its --task-arg options (n_targets, n_bins)")
+    bags, _ = load_bags(data, labels_csv, task)
+    check_finite(bags)
+    try:
+        kwargs["task"], labels = prepare_task(task.type, parse_model_args(task.args), bags,
+                                              target_names=task.columns if task.type == "regression" else None)
+    except ValueError as exc:
+        raise InvalidInputError(f"{data}: {exc}") from None
+    in_dim = int(bags[0]["X"].shape[-1])
+    if kwargs.setdefault("in_dim", in_dim) != in_dim:
+        raise InvalidInputError(f"--model-arg in_dim={kwargs['in_dim']} but the data has {in_dim} features per instance")
+    seed_everything(settings["seed"])
+    try:
+        model = create_model(model_name, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"cannot build {model_name} with {kwargs}: {exc}") from None
+    bags = with_spatial_inputs(model, bags, data)
+    provenance = {
+        "data": str(data), "n_bags": len(bags), "lr": settings["lr"], "weight_decay": settings["weight_decay"],
+        "batch_size": batch_size, "loss_weights": recorded_weights(settings["loss_weights"]),
+        "precision": settings["precision"], "task": kwargs["task"],
+        "command": os.environ.get(COMMAND_ENV) or " ".join(sys.argv), **options.recorded(),
+    }
+    run = dict(model=model, model_name=model_name, bags=bags, labels=labels, batch_size=batch_size,
+               provenance=provenance, settings=settings, options=options)
+    if options.folds:
+        return cross_validate(output, val_fraction=val_fraction, log=log, **run)
+    train_idx, val_idx = split(labels, val_fraction, settings["seed"])
     trainer = fit_split(train_idx, val_idx, output, log=log, log_dir=options.log_dir, **run)
     return trainer.history[trainer.best_epoch - 1]
 
@@ -410,7 +485,7 @@ def fit_split(
         train_loader = make_loader([bags[i] for i in train_idx], batch_size=batch_size, sampler=sampler)
     else:
         train_loader = make_loader([bags[i] for i in train_idx], batch_size=batch_size, shuffle=True, seed=seed)
-    loggers = _loggers(log_dir) if rank == 0 else []
+    loggers = _loggers(log_dir, say_missing=provenance.get("fold", 1) == 1) if rank == 0 else []  # once, not per fold
     trainer = Trainer(
         model, checkpoint_path=output, log_csv=log, provenance=provenance, feature_stats=feature_stats,
         class_weights=weights, logger=loggers, last_checkpoint_path=last, **settings,
@@ -446,7 +521,7 @@ def _check_resumable(last: Path, provenance: dict[str, Any]) -> None:
                                 "or delete it to start afresh")
 
 
-def _loggers(log_dir: Path | None) -> list:
+def _loggers(log_dir: Path | None, say_missing: bool = True) -> list:
     """--log-dir: a CSV logger, and a TensorBoard one when tensorboard is importable."""
     from mil_train.loggers import CSVLogger, TensorBoardLogger, tensorboard_available
 
@@ -459,7 +534,7 @@ def _loggers(log_dir: Path | None) -> list:
     loggers: list = [CSVLogger(log_dir / "metrics.csv")]
     if tensorboard_available():
         loggers.append(TensorBoardLogger(log_dir))
-    else:
+    elif say_missing:
         click.echo(f"mil-train: --log-dir {log_dir}: writing metrics.csv only (pip install tensorboard for "
                    "TensorBoard event files)", err=True)
     return loggers
@@ -623,12 +698,21 @@ def launch(nproc: int, device: str, raw_args: list[str]) -> int:
 @click.option("--balanced-sampler", is_flag=True, help="draw each epoch's bags with replacement, classes equally")
 @click.option("--log-dir", type=click.Path(path_type=Path),
               help="metrics.csv, and TensorBoard event files when tensorboard is installed")
+@click.option("--task", "task_type", default="classification", show_default=True,
+              type=click.Choice(["classification", "regression", "survival"]),
+              help="what the model predicts: classes; continuous targets (MSE, --task-arg loss=huber); or survival "
+                   "(discrete-time hazards NLL, --task-arg loss=cox for Cox), from --label-columns")
+@click.option("--label-columns", metavar="A,B",
+              help="--labels columns holding the label: survival time,event (the default names); regression the "
+                   "target columns (default label)")
+@click.option("--task-arg", "task_args", multiple=True, metavar="KEY=VALUE",
+              help="task option (mil_train.tasks), e.g. loss=cox, n_bins=8, alpha=0.15, loss=huber; repeatable")
 @click.option("--nproc", default=1, show_default=True, type=click.IntRange(min=1),
               help="processes on this machine, data-parallel (gloo on CPU; NCCL and one GPU each with --device cuda); "
                    "under torchrun leave it out")
 def main(model, data, output, model_args, loss_weights, epochs, lr, weight_decay, batch_size, val_fraction, patience,
          seed, log, class_names, labels_csv, device, precision, allow_one_class, folds, resume, class_weights,
-         balanced_sampler, log_dir, nproc) -> None:
+         balanced_sampler, log_dir, task_type, label_columns, task_args, nproc) -> None:
     """Train MODEL (a registered name, e.g. ABMIL) on DATA and save the best checkpoint to -o."""
     from mil_runtime.errors import DeviceError
     from mil_train.distributed import env_rank, env_world_size
@@ -647,6 +731,7 @@ def main(model, data, output, model_args, loss_weights, epochs, lr, weight_decay
             class_names=class_names, labels_csv=labels_csv, device=device, progress=sys.stderr.isatty(),
             loss_weights=loss_weights, allow_one_class=allow_one_class, precision=precision, folds=folds,
             resume=resume, class_weights=class_weights, balanced_sampler=balanced_sampler, log_dir=log_dir,
+            task=TaskOptions(task_type, label_columns, task_args),
         )
     except MilkitError as exc:
         # Every rank meets the same data and settings, so rank 0 speaks for all; a device is each rank's own.
@@ -654,7 +739,11 @@ def main(model, data, output, model_args, loss_weights, epochs, lr, weight_decay
             click.echo(f"mil-train: error: {exc}", err=True)
         sys.exit(exc.exit_code)
     if env_rank() == 0 and folds:
-        shown = {k: f"{best['mean'][k]:.4f} ± {best['std'][k]:.4f}" for k in best["mean"] if k != "loss"}
+        from mil_train import metrics
+
+        known = {*metrics.METRIC_NAMES, *getattr(metrics, "REGRESSION_METRIC_NAMES", ()),
+                 *getattr(metrics, "SURVIVAL_METRIC_NAMES", ())}
+        shown = {k: f"{best['mean'][k]:.4f} ± {best['std'][k]:.4f}" for k in best["mean"] if k in known}
         summary = output.with_name(f"{output.stem}.folds.json")
         click.echo(f"mil-train: {folds} folds, test {shown}; saved {len(best['folds'])} checkpoints and {summary}",
                    err=True)

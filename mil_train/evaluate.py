@@ -210,12 +210,24 @@ def evaluate(
         metrics = survival_intervals(times, events, outputs["risk"].reshape(-1), **bootstrap)
     elif about["task"] == "classification":
         labels = _class_labels(bags, names_from_data, about["class_names"])
-        metrics = classification_intervals(labels, outputs["probabilities"], about["n_classes"], **bootstrap)
+        probabilities = probabilities_from_logits(outputs["logits"], about["n_classes"])
+        metrics = classification_intervals(labels, probabilities, about["n_classes"], **bootstrap)
     else:
         raise InvalidInputError(f"mil-eval scores classification and survival models; this one's task is {about['task']}")
     return {"model": str(model_path), "model_name": about["model_name"], "data": str(data), "n_bags": len(bags),
             "task": about["task"], "confidence": confidence, "n_bootstrap": n_bootstrap, "seed": seed,
             "metrics": metrics}
+
+
+def probabilities_from_logits(logits: np.ndarray, n_classes: int) -> np.ndarray:
+    """Sigmoid or softmax in float64. A float32 probability saturates at 1 for logits past ~17, and
+    onnxruntime and PyTorch saturate at slightly different logits: the ties they make would rank
+    bags differently and move the AUROC. From float64 logits both rank as the logits do."""
+    logits = np.asarray(logits, dtype=np.float64)  # (n_bags, n_classes)
+    if n_classes == 1:
+        return 1.0 / (1.0 + np.exp(-logits.reshape(-1)))  # (n_bags,)
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))  # (n_bags, n_classes)
+    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def _class_labels(bags: list, names_from_data: list[str] | None, model_names: list[str] | None) -> np.ndarray:

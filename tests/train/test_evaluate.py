@@ -154,3 +154,59 @@ def test_resample_metrics_equal_the_trainers_metrics(n_classes):
         ours, theirs = resample_metrics(y, p, n_classes), classification_metrics(y, p, n_classes)
         for name, value in theirs.items():
             assert ours[name] == pytest.approx(value, abs=1e-12, nan_ok=True), (trial, name, y, p)
+
+
+def test_probabilities_come_from_float64_logits_so_saturated_bags_keep_their_order():
+    from mil_train.evaluate import probabilities_from_logits
+
+    logits = np.array([[18.0], [22.0], [30.0], [-1.0]], dtype=np.float32)
+    assert len(set(torch.sigmoid(torch.from_numpy(logits)).reshape(-1).tolist()[:3])) == 1  # float32: all 1.0
+    probabilities = probabilities_from_logits(logits, 1)
+    assert list(np.argsort(probabilities)) == [3, 0, 1, 2]
+    softmax = probabilities_from_logits(np.array([[40.0, 0.0, 1.0], [0.0, 0.0, 0.0]]), 3)
+    assert softmax.sum(axis=1) == pytest.approx([1.0, 1.0]) and softmax[1] == pytest.approx([1 / 3] * 3)
+
+
+def harrell_c_index(times, events, risk):
+    """Harrell's C by the definition, pair by pair: i before j with i's event observed; ties in risk 1/2."""
+    concordant = comparable = 0.0
+    for i in range(len(times)):
+        for j in range(len(times)):
+            if times[i] < times[j] and events[i] == 1:
+                comparable += 1
+                concordant += 1.0 if risk[i] > risk[j] else 0.5 if risk[i] == risk[j] else 0.0
+    return concordant / comparable
+
+
+def test_mil_eval_scores_a_survival_checkpoint_by_its_c_index(tmp_path):
+    synthetic = pytest.importorskip("mil_train.tasks.synthetic")
+    from mil_train.models import create_model
+
+    bags = synthetic.planted_survival_bags(40, feature_dim=8, bag_size=(6, 10), seed=3)
+    root = tmp_path / "surv"
+    for folder in ("features", "labels"):
+        (root / folder).mkdir(parents=True)
+    for i, bag in enumerate(bags):
+        np.save(root / "features" / f"b{i:02d}.npy", bag["X"].numpy())
+        np.save(root / "labels" / f"b{i:02d}.npy", bag["Y"].numpy())  # (time, event)
+    seed_everything(0)
+    model = create_model("ABMIL", in_dim=8, att_dim=4, embed_dims=[8], task={"type": "survival", "loss": "cox"})
+    Trainer(model, lr=1e-2, epochs=3, progress=False).fit(make_loader(bags, batch_size=8, shuffle=True))
+    path = save_checkpoint(model, tmp_path / "surv.pt")
+    result = run([path, root, "--n-bootstrap", 200, "--json", tmp_path / "s.json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert report["task"] == "survival" and list(report["metrics"]) == ["c_index"]
+    model.eval()
+    with torch.no_grad():
+        risk = [float(model.task.outputs(model(b["X"][None]).logits)["risk"][0]) for b in bags]
+    times, events = [float(b["Y"][0]) for b in bags], [int(b["Y"][1]) for b in bags]
+    c_index = report["metrics"]["c_index"]
+    assert c_index["value"] == pytest.approx(harrell_c_index(times, events, risk), abs=1e-9)
+    assert c_index["low"] <= c_index["value"] <= c_index["high"] and c_index["n_resamples"] == 200
+    from mil_export import export_onnx  # the exported file's risk output, by onnxruntime, ranks the bags alike
+
+    exported = run([export_onnx(model, tmp_path / "surv.onnx"), root, "--n-bootstrap", 200, "--json", tmp_path / "o.json"])
+    assert exported.exit_code == 0, exported.output
+    onnx_index = json.loads((tmp_path / "o.json").read_text())["metrics"]["c_index"]
+    assert onnx_index == pytest.approx(c_index, abs=1e-9)
