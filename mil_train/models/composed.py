@@ -1,6 +1,6 @@
 """Composed: a MIL model put together from blocks of `mil_train.nn`, named in a JSON config.
 
-    instances -> feature extractor -> [layer] -> pool -> linear classifier
+    instances -> [feature extractor] -> [layer] -> pool -> linear classifier
 
     create_model("Composed", in_dim=1024, layer="gcn", pool="attention")   # GCN + attention pooling
     create_model("Composed", in_dim=1024, layer="gcn", pool="mincut")      # the same, graph pooling
@@ -8,7 +8,9 @@
 Each slot is a name and a dict of that block's arguments, so the model is saved, rebuilt and exported
 like every registered model (`create_model("Composed", **config)`, weights_only checkpoints, one ONNX):
 
-  feat_ext    None or "identity" (instance feature extractors by name come with issue 14 section 1)
+  feat_ext    what every registered model takes: `create_model("Composed", ..., feat_ext={"name":
+              "small_cnn", "out_dim": in_dim})` attaches a registered extractor (mil_train.feat_ext),
+              which turns images into in_dim features before the blocks below; none by default
   layer       None; "transformer" (`TransformerEncoder`, in_dim -> in_dim; layer_args: att_dim=512,
               n_heads=8, n_layers=1, use_mlp=True, add_self=True, dropout=0.0, torchmil's defaults);
               "gcn" (n_layers of torchmil's `GCNConv` with a self loop, a learned linear map and
@@ -44,7 +46,6 @@ from mil_train.nn.mincut_pool import cluster_assignments, mincut_losses, pool_fe
 from mil_train.nn.neighbour_table import neighbour_table
 from mil_train.nn.transformer import max_bag_for_attention
 
-FEATURE_EXTRACTORS = (None, "identity")
 LAYERS = (None, "transformer", "gcn")
 POOLS = ("attention", "mean", "max", "mincut")
 TRANSFORMER_DEFAULTS = {"att_dim": 512, "n_heads": 8, "n_layers": 1, "use_mlp": True, "add_self": True, "dropout": 0.0}
@@ -83,12 +84,12 @@ def _choose(kind: str, value: Any, choices: tuple) -> Any:
 
 @register_model
 class Composed(MILModel):
-    """Feature extractor -> optional transformer or graph layer -> pool -> linear classifier.
+    """Optional transformer or graph layer -> pool -> linear classifier (a feature extractor, when
+    `create_model(feat_ext=...)` attaches one, runs before, as for every model).
 
     Args:
         in_dim: instance feature dimension D.
         n_classes: 1 for binary (sigmoid), >= 2 for softmax.
-        feat_ext: None or "identity".
         layer: None, "transformer" or "gcn"; layer_args its arguments (module docstring).
         pool: "attention", "mean", "max" or "mincut"; pool_args its arguments.
     compute_loss terms: "cls", plus "mincut" and "ortho" (batch means, weight 1 as GTP) for pool="mincut".
@@ -103,22 +104,19 @@ class Composed(MILModel):
         self,
         in_dim: int,
         n_classes: int = 1,
-        feat_ext: str | None = None,
         layer: str | None = None,
         layer_args: dict[str, Any] | None = None,
         pool: str = "attention",
         pool_args: dict[str, Any] | None = None,
     ) -> None:
-        _choose("feat_ext", feat_ext, FEATURE_EXTRACTORS)
         _choose("layer", layer, LAYERS)
         _choose("pool", pool, POOLS)
         layer_defaults = {"transformer": TRANSFORMER_DEFAULTS, "gcn": GCN_DEFAULTS, None: {}}[layer]
         layer_args = _arguments(f"layer {layer!r}", layer_args, layer_defaults)
         pool_args = _arguments(f"pool {pool!r}", pool_args, POOL_DEFAULTS[pool])
-        super().__init__(n_classes=n_classes, in_dim=in_dim, feat_ext=feat_ext, layer=layer,
-                         layer_args=layer_args, pool=pool, pool_args=pool_args)
+        super().__init__(n_classes=n_classes, in_dim=in_dim, layer=layer, layer_args=layer_args, pool=pool,
+                         pool_args=pool_args)
         self.layer_kind, self.pool_kind = layer, pool
-        self.feat_ext = nn.Identity()
         self.layers, width = self._build_layers(layer, layer_args, in_dim)
         self.pool, self.cluster_proj = self._build_pool(pool, pool_args, width)
         self.temp = float(pool_args.get("temp", 1.0))
@@ -164,10 +162,9 @@ class Composed(MILModel):
         return attention, None
 
     def _encode(self, X, mask, edge_index, edge_weight) -> torch.Tensor:
-        """(batch, bag, width) instance features after the extractor and the layer; 0 on padding."""
+        """(batch, bag, width) instance features after the layer; 0 on padding."""
         keep = None if mask is None else mask.unsqueeze(-1)  # (batch, bag, 1)
-        H = self.feat_ext(X)  # (batch, bag, D)
-        H = H if keep is None else torch.where(keep, H, 0.0)  # padding may hold anything (1e30): clear it
+        H = X if keep is None else torch.where(keep, X, 0.0)  # padding may hold anything (1e30): clear it
         if self.layer_kind == "transformer":
             return self.layers[0](H, mask)  # (batch, bag, D), 0 on padding
         if self.layer_kind == "gcn" and edge_index is not None:

@@ -113,12 +113,28 @@ def test_config_rebuilds_the_model_and_bad_blocks_are_refused():
         create_model("Composed", in_dim=IN_DIM, pool="sum")
     with pytest.raises(ValueError, match="layer must be one of"):
         create_model("Composed", in_dim=IN_DIM, layer="lstm")
-    with pytest.raises(ValueError, match="feat_ext must be one of"):
-        create_model("Composed", in_dim=IN_DIM, feat_ext="resnet50")
     with pytest.raises(ValueError, match=r"takes .*got \['heads'\]"):
         create_model("Composed", in_dim=IN_DIM, layer="transformer", layer_args={"heads": 4})
     with pytest.raises(ValueError, match="no arguments"):
         create_model("Composed", in_dim=IN_DIM, pool="mean", pool_args={"att_dim": 8})
+
+
+def test_a_feature_extractor_runs_before_the_blocks():
+    """The slot every model has (create_model(feat_ext=)): images in, the same output as the blocks on the
+    extractor's features; the checkpoint config names the extractor."""
+    torch.manual_seed(0)
+    model = create_model("Composed", **config("gcn", "mincut"), feat_ext={"name": "small_cnn", "out_dim": IN_DIM}).eval()
+    images = torch.rand(2, 5, 3, 8, 8, generator=torch.Generator().manual_seed(4))  # (batch, bag, 3, H, W)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    spatial = graph_inputs(model, (5, 3))
+    with torch.no_grad():
+        features = model.feat_ext(images.flatten(0, 1)).reshape(2, 5, IN_DIM)  # (batch, bag, D)
+        from_images = model(images, mask, **spatial)
+        from_features = model(features, mask, **spatial)
+    assert torch.allclose(from_images.logits, from_features.logits, atol=1e-6)
+    assert torch.allclose(from_images.attention, from_features.attention, atol=1e-6)
+    assert model.config["feat_ext"]["name"] == "small_cnn"
+    assert create_model("Composed", **model.config).config == model.config
 
 
 # the swap experiment's graph composition in the quick loop, the others (and the registry's max pool) slow

@@ -88,12 +88,12 @@ class ComposedAdapter(TorchmilAdapter):
     name = "Composed"
 
     def build_reference(self, config):
-        if config.get("feat_ext") not in (None, "identity"):
-            raise ValueError("the torchmil reference composes identity feature extractors only")
-        from mil_train.models import get_model_class
+        if config.get("feat_ext") is not None:
+            raise ValueError("the torchmil reference composes the blocks after the feature extractor only")
+        from mil_train.models import create_model
 
         # the block arguments with milkit's defaults filled in (torchmil's blocks have other defaults)
-        return ComposedReference(get_model_class("Composed")(**config).config)
+        return ComposedReference(create_model("Composed", **config).config)
 
     def convert_state_dict(self, state, config):
         state = strip_lazy(state)
