@@ -79,7 +79,9 @@ def main() -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The .onnx file to write.")
 @click.option("--encoder", "encoder_onnx", type=click.Path(dir_okay=False, path_type=Path),
-              help="The exported encoder .onnx the features came from; recorded by name, dim and sha256.")
+              help="The exported encoder .onnx the features came from; recorded by name, dim and sha256. "
+                   "A model trained with its own feature extractor (feat_ext) needs none: its encoder is "
+                   "written beside -o as NAME.encoder.onnx.")
 @click.option("--class-names", help="Comma-separated class names (binary models: negative,positive).")
 @click.option("--tile-px", type=click.IntRange(min=1), help="Tile size in pixels the features were made at.")
 @click.option("--mpp", type=click.FloatRange(min=0, min_open=True), help="Microns per pixel of those tiles.")
@@ -104,6 +106,12 @@ def model_command(checkpoint, output, encoder_onnx, class_names, tile_px, mpp, o
         verbose=verbose,
     )
     metadata = read_metadata(path)
+    from mil_export.pair import pair_encoder_path
+    from mil_runtime.encoder import sha256_file
+
+    beside = pair_encoder_path(path)
+    if metadata.encoder is not None and beside.is_file() and sha256_file(beside) == metadata.encoder.sha256:
+        click.echo(f"wrote {beside}: the model's own encoder {metadata.encoder.name}, uint8 tiles in")
     outputs = (f"{metadata.n_classes} output(s) {metadata.names}" if metadata.is_classifier
                else f"{metadata.task_type} outputs {', '.join(metadata.outputs)}")
     click.echo(

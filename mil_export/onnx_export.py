@@ -516,22 +516,29 @@ def export_checkpoint(
     Arguments given here override the checkpoint's. With `encoder_onnx`, the encoder identity
     (name, output dim, sha256) is read from that exported encoder, and its tiling is the fallback.
     """
+    from mil_export.pair import export_pair, pair_encoder_path
+    from mil_train.feat_ext import feat_ext_of
+
     model, payload = load_checkpoint_checked(checkpoint_path)
     encoder: Any = payload.get("encoder")
     encoder_tiling = None
+    own_encoder = feat_ext_of(model) is not None
+    if own_encoder and encoder_onnx is not None:
+        raise MilkitError(f"{Path(checkpoint_path).name} carries its own feature extractor, which is exported "
+                          f"beside the model as {pair_encoder_path(out_path).name}; drop --encoder")
     if encoder_onnx is not None:
         encoder, encoder_tiling = encoder_reference(encoder_onnx, int(model.config["in_dim"]))
     chosen_tiling = tiling if tiling is not None else payload.get("tiling") or encoder_tiling
     provenance = dict(payload.get("provenance") or {})
     provenance.setdefault("checkpoint", Path(checkpoint_path).name)
-    return export_onnx(
-        model,
-        out_path,
+    options = dict(
         class_names=class_names if class_names is not None else payload.get("class_names"),
-        encoder=encoder,
         tiling=asdict(chosen_tiling) if isinstance(chosen_tiling, Tiling) else chosen_tiling,
         provenance=provenance,
         feature_stats=payload.get("feature_stats"),  # absent in older checkpoints: no out-of-domain check
         opset=opset,
         verbose=verbose,
     )
+    if own_encoder:  # the encoder file first, then the MIL graph that names its sha256
+        return export_pair(model, out_path, pair_encoder_path(out_path), **options)[0]
+    return export_onnx(model, out_path, encoder=encoder, **options)

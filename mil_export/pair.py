@@ -16,6 +16,12 @@ from typing import Any
 from mil_runtime.errors import OutputError
 
 
+def pair_encoder_path(mil_path: str | os.PathLike) -> Path:
+    """Where `mil-export model` writes a model's own encoder: beside it, `abmil.onnx` -> `abmil.encoder.onnx`."""
+    mil_path = Path(mil_path)
+    return mil_path.with_name(f"{mil_path.stem}.encoder{mil_path.suffix or '.onnx'}")
+
+
 def export_pair(model: Any, mil_path: str | os.PathLike, encoder_path: str | os.PathLike, *,
                 tiling: dict | None = None, **mil_options: Any) -> tuple[Path, Path]:
     """Write (MIL ONNX, encoder ONNX) of a model built with `feat_ext=`; `tiling` ({"tile_px", "mpp"})

@@ -116,8 +116,9 @@ def find_encoder(
     """Where the encoder for a MIL model is.
 
     Rule: `explicit` (the --encoder option) when given; it must exist. Otherwise, in the model file's
-    folder, the first existing of `encoder_filename(<recorded encoder name>)` (e.g. resnet50_trunc.onnx)
-    and then `encoder.onnx`. Whatever is found is only a candidate: `check_encoder_matches` verifies it.
+    folder, the first existing of `<model stem>.encoder.onnx` (the encoder `mil-export model` writes
+    beside a model trained with its own feature extractor), `encoder_filename(<recorded encoder name>)`
+    (e.g. resnet50_trunc.onnx) and then `encoder.onnx`. Whatever is found is only a candidate: `check_encoder_matches` verifies it.
     Raises InputNotFoundError naming the paths looked at and asking for --encoder.
     """
     if explicit is not None:
@@ -127,7 +128,8 @@ def find_encoder(
         return path
     folder = Path(model_path).resolve().parent
     ref = mil_metadata.encoder
-    names = ([encoder_filename(ref.name)] if ref is not None else []) + [DEFAULT_ENCODER_FILENAME]
+    names = [f"{Path(model_path).stem}.encoder.onnx"] if ref is not None else []
+    names += ([encoder_filename(ref.name)] if ref is not None else []) + [DEFAULT_ENCODER_FILENAME]
     candidates = [folder / name for name in dict.fromkeys(names)]
     for candidate in candidates:
         if candidate.is_file():

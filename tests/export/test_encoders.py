@@ -326,6 +326,8 @@ def test_find_encoder_rule(tmp_path):
     (tmp_path / "timm_vit_x.onnx").write_bytes(b"x")
     assert find_encoder(model, meta) == tmp_path / "timm_vit_x.onnx"  # the recorded name wins
     assert find_encoder(model, _mil_metadata(64, None)) == tmp_path / "encoder.onnx"
+    (tmp_path / "abmil.encoder.onnx").write_bytes(b"x")  # the model's own encoder, as mil-export writes it
+    assert find_encoder(model, meta) == tmp_path / "abmil.encoder.onnx"
 
     explicit = tmp_path / "elsewhere" / "mine.onnx"
     with pytest.raises(InputNotFoundError, match="mine.onnx"):
