@@ -5,6 +5,7 @@ Coordinates in every bag are (y, x) grid units: level-0 pixels // tile stride (D
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -183,3 +184,58 @@ def read_mil_csv(path: str | os.PathLike) -> list[TensorDict]:
         features = table[rows, 2:].astype(np.float32)
         bags.append(make_bag(features, np.float32(y_inst.max()), y_inst=y_inst))
     return bags
+
+
+# -- label tables (slide_id plus label columns) --------------------------------------------------
+
+SURVIVAL_COLUMNS = ("time", "event")
+
+
+def read_label_table(path: str | os.PathLike, columns: tuple[str, ...] | list[str], id_column: str = "slide_id",
+                     survival: bool = False) -> dict[str, np.ndarray]:
+    """{slide stem: float32 (len(columns),) label} from a CSV with a header: `id_column` plus `columns`.
+
+    survival=True: the two columns are time and event (e.g. `SURVIVAL_COLUMNS`), time >= 0 and event
+    1 (observed) or 0 (censored), so the label is (time, event). Otherwise (regression) they are the
+    targets, any finite numbers. A row with an empty or non-numeric cell is refused with its line
+    number; slide ids are reduced to their stem (`a.svs` and `a` both match `a.h5`).
+    """
+    path = _existing(path)
+    columns = list(columns)
+    if survival and len(columns) != 2:
+        raise ValueError(f"survival labels are two columns, time and event; got {columns}")
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in (id_column, *columns) if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: no column {', '.join(missing)} (found {reader.fieldnames}); name the columns "
+                             f"{id_column},{','.join(columns)}")
+        table: dict[str, np.ndarray] = {}
+        for number, row in enumerate(reader, start=2):  # line 1 is the header
+            slide = (row.get(id_column) or "").strip()
+            if not slide:
+                raise ValueError(f"{path} line {number}: the {id_column} cell is empty; fill it in or drop the row")
+            table[Path(slide).stem] = _label_row(path, number, row, columns, survival)
+    return table
+
+
+def _label_row(path: Path, number: int, row: dict, columns: list[str], survival: bool) -> np.ndarray:
+    values = []
+    for column in columns:
+        cell = (row.get(column) or "").strip()
+        try:
+            value = float(cell)
+        except ValueError:
+            what = "empty" if not cell else f"not a number ({cell[:20]!r})"
+            raise ValueError(f"{path} line {number}: the {column} cell is {what}; fill it in or drop the row") from None
+        if not np.isfinite(value):
+            raise ValueError(f"{path} line {number}: the {column} cell is {cell}; give a finite number")
+        values.append(value)
+    if survival:
+        if len(values) != 2:
+            raise ValueError(f"survival labels are two columns, time and event; got {columns}")
+        time, event = values
+        if time < 0 or event not in (0.0, 1.0):
+            raise ValueError(f"{path} line {number}: survival needs time >= 0 and event 0 (censored) or 1 (observed), "
+                             f"got time {time:g}, event {event:g}")
+    return np.asarray(values, dtype=np.float32)
