@@ -58,6 +58,7 @@ def prediction_feature(xy: np.ndarray, size: int, prediction: Mapping, name: str
     x0, y0 = xy.min(axis=0).tolist() if len(xy) else (0, 0)
     x1, y1 = (xy.max(axis=0) + size).tolist() if len(xy) else (size, size)
     probabilities = {f"prob_{k}": float(v) for k, v in (prediction.get("probabilities") or {}).items()}
+    probabilities.update({k: float(v) for k, v in (prediction.get("measurements") or {}).items()})  # risk, value_<t>
     return {
         "type": "Feature",
         "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"milkit:{name}:prediction")),
@@ -80,7 +81,8 @@ def tiles_feature_collection(xy_level0: np.ndarray, size_level0: int, measuremen
 
     offset: subtracted from level-0 px (the slide's bounds, for QuPath's frame).
     identity: what makes tile ids unique to this result (model sha256 and slide), hashed into uuid5.
-    prediction: {"class_name", "probabilities": {class: p}, "metadata": {...}} adds the annotation.
+    prediction: {"class_name", "probabilities": {class: p}, "metadata": {...}} adds the annotation
+    (regression / survival: "measurements" {risk or value_<target>: value}, unprefixed).
     """
     xy = np.asarray(xy_level0, dtype=np.int64).reshape(-1, 2) - np.asarray(offset, dtype=np.int64)  # (N, 2)
     columns = {key: np.asarray(values, dtype=np.float64).reshape(-1) for key, values in measurements.items()}

@@ -239,9 +239,15 @@ def _stage_images(temp: Mapping[str, Path], tiles: TileTable, thumbnail: np.ndar
 def _prediction_summary(result: Mapping[str, Any]) -> dict[str, Any]:
     """What the GeoJSON's prediction annotation shows, from the result document."""
     model = result.get("model") or {}
+    prediction = result.get("prediction") or {}
+    task_values = {"risk": prediction["risk"]} if "risk" in prediction else {
+        f"value_{name}": value for name, value in (prediction.get("values") or {}).items()}
     return {
-        "class_name": (result.get("prediction") or {}).get("class_name"),
+        # regression / survival models have no class: the annotation is named by their outputs
+        "class_name": prediction.get("class_name") if not task_values else
+        ", ".join(f"{name}={float(value):.4g}" for name, value in task_values.items()),
         "probabilities": result.get("probabilities") or {},
+        "measurements": task_values,
         "metadata": {"model": model.get("name"), "model_sha256": model.get("sha256"),
                      "milkit_version": result.get("milkit_version")},
     }

@@ -110,3 +110,40 @@ def test_mil_infer_writes_the_task_outputs(tmp_path, survival_model, regression_
     assert {"value_age", "value_grade"} <= set(rows[0]) and not any(k.startswith("p_") for k in rows[0])
     record = json.loads((tmp_path / "cohort" / "s1.json").read_text())
     assert float(rows[1]["value_age"]) == pytest.approx(record["prediction"]["values"]["age"])
+
+
+@pytest.mark.slow
+def test_mil_infer_on_a_slide_with_a_survival_model(tmp_path):
+    """The slide route: JSON prediction, and the GeoJSON's annotation named and measured by the risk."""
+    import warnings
+    from pathlib import Path
+
+    from mil_export import export_onnx
+    from mil_export.encoders import build_encoder, export_encoder
+    from mil_runtime import cli
+    from mil_runtime.encoder import encoder_filename, sha256_file
+
+    slide = Path(__file__).resolve().parents[1] / "data" / "CMU-1-Small-Region.svs"
+    if not slide.exists():
+        pytest.skip(f"{slide} is missing")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no pretrained weights: fine for plumbing
+        encoder, _ = build_encoder("tiny_cnn")
+    encoder_path = export_encoder(encoder, tmp_path / encoder_filename("tiny_cnn"), name="tiny_cnn")
+    import torch
+
+    from mil_train.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("ABMIL", in_dim=encoder.output_dim, att_dim=8, task=SURVIVAL).eval()
+    path = export_onnx(model, tmp_path / "survival.onnx", tiling={"tile_px": 112, "mpp": 2.0, "overlap": 0.0},
+                       encoder={"name": "tiny_cnn", "output_dim": encoder.output_dim,
+                                "sha256": sha256_file(encoder_path)})
+    run = CliRunner().invoke(cli.main, [str(slide), "--model", str(path), "--out", str(tmp_path / "out"), "--quiet"])
+    assert run.exit_code == 0, run.stderr
+    document = json.loads((tmp_path / "out" / f"{slide.stem}.json").read_text())
+    assert set(document["prediction"]) == {"risk", "hazards", "survival"}
+    geojson = json.loads((tmp_path / "out" / f"{slide.stem}.tiles.geojson").read_text())
+    annotation = geojson["features"][-1]["properties"]
+    assert annotation["measurements"] == {"risk": pytest.approx(document["prediction"]["risk"])}
+    assert annotation["name"].startswith("milkit prediction: risk=")
