@@ -44,6 +44,8 @@ PUBLISHED = {
     ("ABMIL", "elephant"): (0.868, 0.022, "Ilse et al. 2018, Table 1"),
 }
 
+NOT_BY_DEFAULT = {"Composed"}
+
 _TABLES: dict[str, list] = {}
 
 
@@ -60,8 +62,9 @@ def split_models(names: list[str] | None) -> tuple[list[str], list[str]]:
     from mil_train.models import list_models
 
     registered = list_models()
-    if names is None:
-        return [n for n in registered if not spatial(n)], [n for n in registered if spatial(n)]
+    if names is None:  # Composed is a way to build models (by default it is ABMIL), not a published one
+        run = [n for n in registered if not spatial(n) and n not in NOT_BY_DEFAULT]
+        return run, [n for n in registered if spatial(n)]
     unknown = [n for n in names if n not in registered]
     if unknown:
         raise ValueError(f"unknown model(s) {', '.join(unknown)}; registered: {', '.join(registered)}")
