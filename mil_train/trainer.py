@@ -10,6 +10,13 @@ epochs without improvement, and finally restores the best weights.
     history = trainer.fit(make_loader(train_bags, batch_size=1, shuffle=True), make_loader(val_bags))
     print(trainer.evaluate(make_loader(test_bags)))
 
+Training conveniences (each off by default): `loss_weights` values may be schedules over optimizer
+steps (mil_train.schedules, as torchmil's annealing_scheduler_dict); `class_weights` weighs each
+bag's classification loss by its class (mil_train.sampling, which also has a balanced sampler to
+pass to make_loader); `logger` takes any object with `.log(dict, step)`, or a list of them
+(mil_train.loggers: CSV, TensorBoard); `last_checkpoint_path` keeps the state after each epoch, and
+`fit(..., resume=True)` continues an interrupted run from it, bit for bit.
+
 `precision="bf16"` runs the forward and the loss under bfloat16 autocast (CPU or CUDA; "fp16" on CUDA,
 with a GradScaler); parameters, gradients, the loss and the checkpoint stay float32.
 

@@ -119,3 +119,26 @@ def test_mil_train_resume_continues_to_the_uninterrupted_weights_and_refuses_oth
         for key, value in whole.state_dict().items():
             assert torch.equal(part.state_dict()[key], value), (name, key)
     assert payload["training_state"]["epoch"] == 4
+
+
+def test_mil_train_folds_resume_goes_on_fold_by_fold(tmp_path):
+    import json
+
+    from train_cli_helpers import SMALL_ABMIL, planted_folder, run_cli
+
+    from mil_train.checkpoint import load_checkpoint
+
+    data = planted_folder(tmp_path / "bags", [i % 2 for i in range(12)])
+    common = [*SMALL_ABMIL, data, "--lr", 1e-2, "--folds", 2, "--seed", 1]
+    assert run_cli([*common, "-o", tmp_path / "whole.pt", "--epochs", 3]).exit_code == 0
+    assert run_cli([*common, "-o", tmp_path / "part.pt", "--epochs", 1]).exit_code == 0
+    resumed = run_cli([*common, "-o", tmp_path / "part.pt", "--epochs", 3, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    whole = json.loads((tmp_path / "whole.folds.json").read_text())
+    part = json.loads((tmp_path / "part.folds.json").read_text())
+    assert [f["test"] for f in part["folds"]] == [f["test"] for f in whole["folds"]]
+    for fold in (1, 2):
+        a, _ = load_checkpoint(tmp_path / f"whole.fold{fold}.last.pt")
+        b, _ = load_checkpoint(tmp_path / f"part.fold{fold}.last.pt")
+        for key, value in a.state_dict().items():
+            assert torch.equal(b.state_dict()[key], value), (fold, key)
