@@ -5,8 +5,9 @@
 
 MODEL is a checkpoint written by mil-train (read with `torch.load(weights_only=True)`) or a milkit ONNX
 file (run as exported, by onnxruntime: what mil-infer would score). DATA is any of mil-train's inputs.
-Each bag is scored alone. A classifier reports AUROC, balanced accuracy, accuracy and F1; a survival
-model (task "survival") the concordance index of its risk. Every metric comes with a percentile
+Each bag is scored alone. A classifier reports AUROC, balanced accuracy, accuracy and F1 (from its
+logits in float64); a survival model the concordance index of its risk; a regression model MAE, RMSE
+and R². Every metric comes with a percentile
 bootstrap confidence interval: `--n-bootstrap` resamples of the bags with replacement (seeded by
 `--seed`, so the interval repeats), the metric recomputed on each; resamples on which it is undefined
 (one class only, no comparable pair) are left out and counted. Errors print one line and exit with
@@ -118,6 +119,13 @@ def survival_intervals(times, events, risk, **bootstrap: Any) -> dict[str, dict[
                                **bootstrap)
 
 
+def regression_intervals(targets, values, **bootstrap: Any) -> dict[str, dict[str, float]]:
+    """MAE, RMSE and R² (mil_train.metrics.regression_metrics) with their bootstrap intervals."""
+    from mil_train.metrics import regression_metrics
+
+    return bootstrap_intervals(regression_metrics, [targets, values], **bootstrap)
+
+
 # -- scoring the bags -----------------------------------------------------------------------------
 
 
@@ -212,8 +220,12 @@ def evaluate(
         labels = _class_labels(bags, names_from_data, about["class_names"])
         probabilities = probabilities_from_logits(outputs["logits"], about["n_classes"])
         metrics = classification_intervals(labels, probabilities, about["n_classes"], **bootstrap)
+    elif about["task"] == "regression":
+        targets = np.stack([bag["Y"].reshape(-1).double().numpy() for bag in bags])  # (n_bags, n_targets)
+        metrics = regression_intervals(targets, outputs["values"].reshape(targets.shape), **bootstrap)
     else:
-        raise InvalidInputError(f"mil-eval scores classification and survival models; this one's task is {about['task']}")
+        raise InvalidInputError(f"mil-eval scores classification, survival and regression models; this one's task "
+                                f"is {about['task']}")
     return {"model": str(model_path), "model_name": about["model_name"], "data": str(data), "n_bags": len(bags),
             "task": about["task"], "confidence": confidence, "n_bootstrap": n_bootstrap, "seed": seed,
             "metrics": metrics}

@@ -210,3 +210,29 @@ def test_mil_eval_scores_a_survival_checkpoint_by_its_c_index(tmp_path):
     assert exported.exit_code == 0, exported.output
     onnx_index = json.loads((tmp_path / "o.json").read_text())["metrics"]["c_index"]
     assert onnx_index == pytest.approx(c_index, abs=1e-9)
+
+
+def test_mil_eval_scores_a_regression_checkpoint(tmp_path):
+    synthetic = pytest.importorskip("mil_train.tasks.synthetic")
+    from mil_train.models import create_model
+
+    bags = synthetic.planted_regression_bags(30, feature_dim=8, bag_size=(5, 8), seed=2)
+    root = tmp_path / "reg"
+    for folder in ("features", "labels"):
+        (root / folder).mkdir(parents=True)
+    for i, bag in enumerate(bags):
+        np.save(root / "features" / f"b{i:02d}.npy", bag["X"].numpy())
+        np.save(root / "labels" / f"b{i:02d}.npy", bag["Y"].numpy().reshape(1))
+    seed_everything(0)
+    model = create_model("ABMIL", in_dim=8, att_dim=4, embed_dims=[8], task="regression")
+    Trainer(model, lr=1e-2, epochs=2, progress=False).fit(make_loader(bags, batch_size=4, shuffle=True))
+    result = run([save_checkpoint(model, tmp_path / "reg.pt"), root, "--n-bootstrap", 100, "--json", tmp_path / "r.json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    model.eval()
+    with torch.no_grad():
+        values = np.array([float(model.task.outputs(model(b["X"][None]).logits)["values"][0, 0]) for b in bags])
+    targets = np.array([float(b["Y"]) for b in bags])
+    assert report["task"] == "regression"
+    assert report["metrics"]["mae"]["value"] == pytest.approx(np.abs(values - targets).mean(), rel=1e-5)
+    assert report["metrics"]["rmse"]["value"] == pytest.approx(np.sqrt(((values - targets) ** 2).mean()), rel=1e-5)
