@@ -56,6 +56,8 @@ class _CLAM(MILModel):
             subtyping=subtyping,
             bag_weight=bag_weight,
         )
+        if not self.is_classifier:  # regression / survival leave the instance clustering out of the loss
+            self.ddp_find_unused_parameters = True
         if bag_weight is not None and not 0.0 <= bag_weight <= 1.0:
             raise ValueError(f"bag_weight must be in [0, 1] or None, got {bag_weight}")
         self.bag_weight = bag_weight

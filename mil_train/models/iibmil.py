@@ -76,6 +76,8 @@ class IIBMIL(MILModel):
             n_heads=n_heads,
             prototype_momentum=prototype_momentum,
         )
+        if not self.is_classifier:  # regression / survival train the bag head alone: the instance classifier idles
+            self.ddp_find_unused_parameters = True
         self.encoder = TransformerEncoder(
             in_dim, att_dim, att_dim, n_heads, n_layers_encoder, use_mlp_encoder, add_self=False
         )

@@ -50,7 +50,19 @@ def exported(tmp_path_factory):
     return get
 
 
-CASES = [("ABMIL", "nll"), ("ABMIL", "cox"), ("ABMIL", "regression"), ("PatchGCN", "nll"), ("CLAM_SB", "cox")]
+CASES = [("ABMIL", "nll"), ("ABMIL", "cox"), ("ABMIL", "regression"),
+         pytest.param("PatchGCN", "nll", marks=pytest.mark.slow), pytest.param("CLAM_SB", "cox", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("name", ["CLAM_SB", "CLAM_MB", "DSMIL", "IIBMIL"])
+def test_per_class_outputs_are_for_classifiers_only(name):
+    from mil_export.onnx_export import output_names
+
+    for task_key, task in TASKS.items():
+        assert output_names(small_model(name, task)) == OUTPUTS[task_key], (name, task_key)
+    torch.manual_seed(0)
+    classifier = create_model(name, in_dim=8, n_classes=3)
+    assert output_names(classifier)[:3] == list(contract.MIL_OUTPUTS) and len(output_names(classifier)) > 3
 
 
 @pytest.mark.parametrize("name,task_key", CASES)
@@ -144,3 +156,20 @@ def test_every_model_exports_a_survival_head(tmp_path, name):
     path = export_onnx(model, tmp_path / f"{name}.onnx")
     rows = validate_onnx(path, model, sizes=(1, 13, 50))
     assert all(row.passes(ONNX_TOL) for row in rows), [row.errors for row in rows]
+
+
+def test_an_older_file_still_reads_as_a_classifier():
+    """models/demo/abmil_demo.onnx predates tasks (and milkit.outputs): it loads and predicts as before."""
+    from pathlib import Path
+
+    from mil_runtime.model import load_model
+
+    demo = Path(__file__).resolve().parents[2] / "models" / "demo" / "abmil_demo.onnx"
+    if not demo.exists():
+        pytest.skip(f"{demo} is missing")
+    runner = load_model(demo, device="cpu")
+    assert runner.metadata.task_type == contract.CLASSIFICATION and runner.task == contract.CLASSIFICATION
+    features = np.random.default_rng(0).standard_normal((5, runner.metadata.feature_dim)).astype(np.float32)
+    prediction = runner.predict(features)
+    assert prediction.task == contract.CLASSIFICATION and prediction.predicted_name in runner.class_names
+    assert prediction.task_outputs() == {} and prediction.class_probabilities.sum() == pytest.approx(1.0, abs=1e-6)

@@ -172,6 +172,8 @@ def test_every_model_takes_a_task(name):
         assert logits.shape == (3, model.task.head_dim), key
         assert all(bool(torch.isfinite(v)) for v in terms.values()), (key, terms)
         sum(terms.values()).backward()
+        unused = {k for k, p in model.named_parameters() if p.requires_grad and p.grad is None}
+        assert not unused or model.ddp_find_unused_parameters, f"{key}: DDP would miss {sorted(unused)[:3]}"
 
 
 @pytest.mark.parametrize("name", ["ABMIL", "CLAM_SB", "DSMIL"])
