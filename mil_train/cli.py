@@ -5,11 +5,18 @@
     mil-train ProbSmoothABMIL bags/ -o m.pt --loss-weight kl=linear:0:1:10         # anneal a term in
     mil-train ABMIL musk1.csv -o cv/abmil.pt --folds 10 --log-dir runs/abmil       # stratified 10-fold CV
     mil-train ABMIL bags/ -o model.pt --resume                                     # go on after a crash
+    mil-train TransMIL h5/ --labels os.csv --task survival -o surv.pt              # columns slide_id,time,event
+    mil-train ABMIL h5/ --labels t.csv --task regression --label-columns age -o r.pt --task-arg loss=huber
 
 DATA is one of
   - a classic MIL .csv (label, bag id, features; no header),
   - a torchmil folder (features/ and labels/ with one .npy/.h5 per bag),
-  - a folder of CLAM/TRIDENT feature .h5 files, with `--labels table.csv` (columns slide_id,label).
+  - a folder of CLAM/TRIDENT feature .h5 files, with `--labels table.csv` (columns slide_id,label;
+    with --task survival slide_id,time,event (event 1 observed, 0 censored), with --task regression
+    slide_id and the target columns, named by --label-columns). Survival trains a discrete-time hazard
+    head (PatchGCN's NLL, bins at the quantiles of the observed times; --task-arg n_bins=4) or, with
+    --task-arg loss=cox, a Cox head (use --batch-size > 1); regression MSE (--task-arg loss=huber).
+    The Trainer then reports the c-index, or MAE, RMSE and R² (monitored as val_c_index / val_mae).
 Graph and spatial models (CAMIL, GTP, PatchGCN, SETMIL, SmABMIL, SmTransformerABMIL) need tile coords:
 .h5 files with `coords`, or a torchmil folder with coords/; graph models get their graph built once
 from the coords by the rule the model records (the rule its exported file carries to mil-infer).
