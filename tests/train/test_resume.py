@@ -142,3 +142,40 @@ def test_mil_train_folds_resume_goes_on_fold_by_fold(tmp_path):
         b, _ = load_checkpoint(tmp_path / f"part.fold{fold}.last.pt")
         for key, value in a.state_dict().items():
             assert torch.equal(b.state_dict()[key], value), (fold, key)
+
+
+@pytest.mark.slow
+def test_a_killed_mil_train_process_resumes_to_the_uninterrupted_weights(tmp_path):
+    """The real interruption: SIGKILL mid-run (atomic writes leave a whole last checkpoint), then --resume."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from train_cli_helpers import SMALL_ABMIL, planted_folder
+
+    from mil_train.checkpoint import load_checkpoint
+
+    data = planted_folder(tmp_path / "bags", [i % 2 for i in range(120)])
+    epochs = 20
+    command = [sys.executable, "-m", "mil_train.cli", *SMALL_ABMIL, str(data), "--epochs", str(epochs), "--lr", "1e-2",
+               "--model-arg", "dropout=0.2", "--seed", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*command, "-o", str(tmp_path / "whole.pt")], check=True, env=env, capture_output=True)
+    last = tmp_path / "part.last.pt"
+    process = subprocess.Popen([*command, "-o", str(tmp_path / "part.pt")], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.kill()
+    process.wait()
+    assert process.returncode < 0, "the run ended before it could be killed; give it more work"
+    stopped_at = load_checkpoint(last)[1]["training_state"]["epoch"]
+    assert 1 <= stopped_at < epochs
+    subprocess.run([*command, "-o", str(tmp_path / "part.pt"), "--resume"], check=True, env=env, capture_output=True)
+    for name in ("", ".last"):
+        whole, _ = load_checkpoint(tmp_path / f"whole{name}.pt")
+        part, _ = load_checkpoint(tmp_path / f"part{name}.pt")
+        for key, value in whole.state_dict().items():
+            assert torch.equal(part.state_dict()[key], value), (name, key)
