@@ -96,3 +96,26 @@ def test_mil_train_survival_and_regression(tmp_path, feature_folder):
     refused = CliRunner().invoke(cli.main, ["ABMIL", *common, "-o", str(tmp_path / "x.pt"), "--task", "survival",
                                             "--class-weights", "auto"])
     assert refused.exit_code != 0 and "balance classes" in refused.output
+
+
+@pytest.mark.slow
+def test_train_export_infer_a_regression_model(tmp_path, feature_folder):
+    """mil-train -> mil-export model -> mil-infer: the target name travels from --label-columns to the JSON."""
+    import json
+
+    from mil_export.cli import main as export_main
+    from mil_runtime import cli as infer_cli
+    from mil_train import cli
+
+    root, rows = feature_folder
+    trained = CliRunner().invoke(cli.main, ["ABMIL", str(root), "--labels", str(root / "labels.csv"), "--epochs", "2",
+                                            "--model-arg", "att_dim=8", "-o", str(tmp_path / "r.pt"),
+                                            "--task", "regression", "--label-columns", "age"])
+    assert trained.exit_code == 0, trained.output
+    exported = CliRunner().invoke(export_main, ["model", str(tmp_path / "r.pt"), "-o", str(tmp_path / "r.onnx")])
+    assert exported.exit_code == 0, exported.output
+    inferred = CliRunner().invoke(infer_cli.main, [str(root / "s00.h5"), "--model", str(tmp_path / "r.onnx"), "--json"])
+    assert inferred.exit_code == 0, inferred.stderr
+    document = json.loads(inferred.stdout)
+    assert document["model"]["target_names"] == ["age"] and list(document["prediction"]["values"]) == ["age"]
+    assert 40 < document["prediction"]["values"]["age"] < 90  # in the target's units (ages 50-73), not standardised
