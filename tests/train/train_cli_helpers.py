@@ -22,9 +22,9 @@ def planted_folder(root, labels, dim=4, seed=0):
     return root
 
 
-SMALL_ABMIL = ["ABMIL", "--model-arg", "att_dim=4", "--model-arg", "embed_dims=[8]"]
+SMALL_ABMIL = ["ABMIL", "--model-arg", "att_dim=4", "--model-arg", "embed_dims=[8]"]  # the model, small: put DATA next
 
 
 def run_cli(args):
-    """mil-train with these arguments (model name first), small ABMIL settings unless the args name another model."""
+    """mil-train with these arguments (paths and numbers as text), through click's test runner."""
     return CliRunner().invoke(main, [str(a) for a in args])
