@@ -418,9 +418,13 @@ def prediction_body(prediction, xy: np.ndarray | None, n: int) -> dict[str, Any]
         points = [[x, y, a] for (x, y), a in zip(np.asarray(xy, dtype=np.int64).tolist(), attention)]
     else:
         points = attention
-    body = {"prediction": {"class_name": prediction.predicted_name, "class_index": int(prediction.predicted_index),
-                           "probability": float(prediction.probability)},
-            "probabilities": prediction.probabilities_by_name(), "n_tiles": int(n), "attention": points}
+    task_outputs = prediction.task_outputs()  # {} for classifiers
+    if task_outputs:  # survival (risk, hazards, survival) or regression (values): no classes, as in the record
+        body = {"prediction": task_outputs, "n_tiles": int(n), "attention": points}
+    else:
+        body = {"prediction": {"class_name": prediction.predicted_name, "class_index": int(prediction.predicted_index),
+                               "probability": float(prediction.probability)},
+                "probabilities": prediction.probabilities_by_name(), "n_tiles": int(n), "attention": points}
     if prediction.attention_by_class:
         body["attention_by_class"] = {c: np.asarray(v, dtype=np.float64).tolist()
                                       for c, v in prediction.attention_by_class.items()}

@@ -147,3 +147,21 @@ def test_mil_infer_on_a_slide_with_a_survival_model(tmp_path):
     annotation = geojson["features"][-1]["properties"]
     assert annotation["measurements"] == {"risk": pytest.approx(document["prediction"]["risk"])}
     assert annotation["name"].startswith("milkit prediction: risk=")
+
+
+def test_the_service_answers_a_survival_prediction_without_classes(survival_model):
+    """mil-serve's prediction body (POST /v1/predict, re-aggregation) for a survival model: its risk and
+    curves, as the record has them, and JSON without NaN (a classifier's class_name/probability would be
+    None/NaN here)."""
+    import json
+
+    pytest.importorskip("fastapi")
+    from mil_runtime.model import load_model
+    from mil_runtime.serve.app import prediction_body
+
+    _, path = survival_model
+    features = np.random.default_rng(3).normal(size=(12, 16)).astype(np.float32)
+    prediction = load_model(path).predict(features)
+    body = json.loads(json.dumps(prediction_body(prediction, None, 12), allow_nan=False))
+    assert body["prediction"] == json.loads(json.dumps(prediction.task_outputs()))
+    assert "probabilities" not in body and body["n_tiles"] == 12 and len(body["attention"]) == 12
