@@ -160,7 +160,7 @@ def test_the_service_answers_a_survival_prediction_without_classes(survival_mode
     from mil_runtime.serve.app import prediction_body
 
     _, path = survival_model
-    features = np.random.default_rng(3).normal(size=(12, 16)).astype(np.float32)
+    features = np.random.default_rng(3).normal(size=(12, FEATURE_DIM)).astype(np.float32)
     prediction = load_model(path).predict(features)
     body = json.loads(json.dumps(prediction_body(prediction, None, 12), allow_nan=False))
     assert body["prediction"] == json.loads(json.dumps(prediction.task_outputs()))
