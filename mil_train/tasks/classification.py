@@ -35,7 +35,9 @@ class ClassificationTask(Task):
     def metrics(self, logits: torch.Tensor, Y: torch.Tensor) -> dict[str, float]:
         from mil_train.metrics import classification_metrics
 
-        probabilities = self.probabilities(logits.float()).numpy()
+        # float64: float32's sigmoid is exactly 1 past a logit of ~17, which ties confident bags in AUROC
+        # (and PyTorch and onnxruntime tie them at slightly different logits)
+        probabilities = self.probabilities(logits.double()).numpy()
         return classification_metrics(Y.numpy(), probabilities, self.n_classes)
 
     def to_config(self) -> dict[str, Any]:

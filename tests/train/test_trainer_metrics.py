@@ -56,3 +56,15 @@ def test_multiclass_with_missing_class_gives_nan_auroc():
     m = classification_metrics([0, 1], p, n_classes=3)
     assert math.isnan(m["auroc"])
     assert m["accuracy"] == 0.5  # argmax of a tie is class 0
+
+
+def test_confident_logits_keep_their_order_in_auroc():
+    """Logits past ~17 have a float32 sigmoid of exactly 1; the Trainer's AUROC ranks them in float64."""
+    import torch
+
+    from mil_train.tasks.classification import ClassificationTask
+
+    logits = torch.tensor([[18.0], [20.0], [25.0], [30.0]])  # the first bag is the negative one
+    metrics = ClassificationTask(1).metrics(logits, torch.tensor([0.0, 1.0, 1.0, 1.0]))
+    assert torch.sigmoid(logits).unique().numel() == 1  # float32 would tie them all
+    assert metrics["auroc"] == 1.0
