@@ -79,6 +79,53 @@ def parse_model_args(pairs: tuple[str, ...]) -> dict[str, Any]:
     return kwargs
 
 
+def set_instance_dim(bags: list, kwargs: dict[str, Any]) -> None:
+    """kwargs["in_dim"] from the bags: their feature width, or for image bags (N, 3, H, W) the width of
+    the feature extractor kwargs["feat_ext"] names (required then, and taking images of its input size)."""
+    X = bags[0]["X"]
+    if X.ndim == 2:
+        in_dim = int(X.shape[-1])
+        if "feat_ext" in kwargs:
+            raise InvalidInputError("--feat-ext is for bags of images (N, 3, H, W); these bags hold features")
+    else:
+        spec = kwargs.get("feat_ext")
+        if spec is None:
+            raise InvalidInputError(f"the bags hold images {tuple(X.shape)}; give a feature extractor to learn their "
+                                    "features, e.g. --feat-ext small_cnn (mil_train.feat_ext)")
+        from mil_train.feat_ext import create_feature_extractor
+
+        spec = dict(spec)
+        try:
+            extractor = create_feature_extractor(spec.pop("name"), **spec)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidInputError(f"--feat-ext: {exc}") from None
+        if tuple(X.shape[1:]) != extractor.in_shape:
+            raise InvalidInputError(f"the bags hold {tuple(X.shape[1:])} images but the feature extractor takes "
+                                    f"{extractor.in_shape}; give it input_px={X.shape[-1]} or resize the images")
+        in_dim = extractor.output_dim
+    if kwargs.setdefault("in_dim", in_dim) != in_dim:
+        raise InvalidInputError(f"--model-arg in_dim={kwargs['in_dim']} but the data has {in_dim} features per instance")
+
+
+def feat_ext_args(feat_ext: str | None, instance_chunk: int | None) -> tuple[str, ...]:
+    """--feat-ext NAME or JSON ({"name": ..., **config}) and --instance-chunk as --model-arg pairs."""
+    pairs: tuple[str, ...] = ()
+    if feat_ext is not None:
+        text = feat_ext.strip()
+        try:
+            spec = json.loads(text) if text.startswith("{") else {"name": text}
+        except json.JSONDecodeError as exc:
+            raise InvalidInputError(f"--feat-ext {feat_ext!r} is neither a name nor a JSON object ({exc.msg})") from None
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise InvalidInputError(f"--feat-ext {feat_ext!r}: a JSON object needs a \"name\"")
+        pairs += (f"feat_ext={json.dumps(spec)}",)
+    if instance_chunk is not None:
+        if feat_ext is None:
+            raise InvalidInputError("--instance-chunk is for models with a feature extractor (--feat-ext)")
+        pairs += (f"instance_chunk={int(instance_chunk)}",)
+    return pairs
+
+
 def parse_loss_weights(pairs: tuple[str, ...]) -> dict[str, Any]:
     """NAME=W pairs -> {NAME: W}; W a finite number >= 0 or a schedule (mil_train.schedules), each NAME once."""
     weights: dict[str, Any] = {}
@@ -326,9 +373,7 @@ def _train(
             f"every bag has label {labels[0]}: the data holds one class only, so there is nothing to tell apart; "
             "check the labels, or pass --allow-one-class to train anyway"
         )
-    in_dim = int(bags[0]["X"].shape[-1])
-    if kwargs.setdefault("in_dim", in_dim) != in_dim:
-        raise InvalidInputError(f"--model-arg in_dim={kwargs['in_dim']} but the data has {in_dim} features per instance")
+    set_instance_dim(bags, kwargs)
     n_found = max(labels) + 1
     kwargs.setdefault("n_classes", 1 if n_found <= 2 else n_found)
     names = class_names.split(",") if class_names else names_from_data
@@ -401,9 +446,7 @@ def _train_task(model_name: str, data: Path, output: Path, task: TaskOptions, *,
                                               target_names=task.columns if task.type == "regression" else None)
     except ValueError as exc:
         raise InvalidInputError(f"{data}: {exc}") from None
-    in_dim = int(bags[0]["X"].shape[-1])
-    if kwargs.setdefault("in_dim", in_dim) != in_dim:
-        raise InvalidInputError(f"--model-arg in_dim={kwargs['in_dim']} but the data has {in_dim} features per instance")
+    set_instance_dim(bags, kwargs)
     seed_everything(settings["seed"])
     try:
         model = create_model(model_name, **kwargs)
@@ -714,12 +757,18 @@ def launch(nproc: int, device: str, raw_args: list[str]) -> int:
                    "target columns (default label)")
 @click.option("--task-arg", "task_args", multiple=True, metavar="KEY=VALUE",
               help="task option (mil_train.tasks), e.g. loss=cox, n_bins=8, alpha=0.15, loss=huber; repeatable")
+@click.option("--feat-ext", "feat_ext", default=None, metavar="NAME|JSON",
+              help="learn the instance features from images end to end: a registered feature extractor "
+                   "(small_cnn, tiny_cnn, resnet50_trunc, torchvision:<m>, timm:<m>) or a JSON object "
+                   "'{\"name\": \"small_cnn\", \"out_dim\": 32}'; the bags then hold images (N, 3, H, W)")
+@click.option("--instance-chunk", default=None, type=click.IntRange(min=1),
+              help="images through the feature extractor at a time (each chunk activation-checkpointed); default 256")
 @click.option("--nproc", default=1, show_default=True, type=click.IntRange(min=1),
               help="processes on this machine, data-parallel (gloo on CPU; NCCL and one GPU each with --device cuda); "
                    "under torchrun leave it out")
 def main(model, data, output, model_args, loss_weights, epochs, lr, weight_decay, batch_size, val_fraction, patience,
          seed, log, class_names, labels_csv, device, precision, allow_one_class, folds, resume, class_weights,
-         balanced_sampler, log_dir, task_type, label_columns, task_args, nproc) -> None:
+         balanced_sampler, log_dir, task_type, label_columns, task_args, feat_ext, instance_chunk, nproc) -> None:
     """Train MODEL (a registered name, e.g. ABMIL) on DATA and save the best checkpoint to -o."""
     from mil_runtime.errors import DeviceError
     from mil_train.distributed import env_rank, env_world_size
@@ -732,6 +781,7 @@ def main(model, data, output, model_args, loss_weights, epochs, lr, weight_decay
             raise InvalidInputError(
                 f"--nproc {nproc} inside a launch of {launched} processes (torchrun); leave --nproc out under torchrun"
             )
+        model_args = (*model_args, *feat_ext_args(feat_ext, instance_chunk))
         best = train(
             model, data, output, model_args=model_args, epochs=epochs, lr=lr, weight_decay=weight_decay,
             batch_size=batch_size, val_fraction=val_fraction, patience=patience, seed=seed, log=log,

@@ -91,14 +91,20 @@ def read_clam_h5(path: str | os.PathLike, label=None) -> TensorDict:
     """A bag from a CLAM/TRIDENT feature file: `features` (N, D) and `coords` (N, 2) level-0 (x, y).
 
     coords become (y, x) grid units: level-0 pixels // `level0_stride`. `label` (default NaN: unknown)
-    becomes Y. A leading batch axis of one, (1, N, D), is dropped as some extractors write it.
+    becomes Y. A leading batch axis of one, (1, N, D), is dropped as some extractors write it. A file
+    with `images` instead of `features` holds a bag of images for a model with a feature extractor:
+    uint8 (N, 3, H, W), or (N, H, W, 3) as tiles are (moved to channels first).
     """
     path = _existing(path)
     with h5py.File(path, "r") as h5:
-        if "features" not in h5:
-            raise ValueError(f"{path}: no `features` dataset (found {sorted(h5)}); expected a CLAM/TRIDENT file")
-        features = h5["features"][()]
-        features = features[0] if features.ndim == 3 and features.shape[0] == 1 else features  # (N, D)
+        if "features" not in h5 and "images" in h5:
+            features = _images(h5["images"][()], path)  # (N, 3, H, W) uint8
+        elif "features" not in h5:
+            raise ValueError(f"{path}: no `features` (or `images`) dataset (found {sorted(h5)}); expected a "
+                             "CLAM/TRIDENT file")
+        else:
+            features = h5["features"][()]
+            features = features[0] if features.ndim == 3 and features.shape[0] == 1 else features  # (N, D)
         coords = None
         if "coords" in h5:
             coords_px = h5["coords"][()]
@@ -110,7 +116,18 @@ def read_clam_h5(path: str | os.PathLike, label=None) -> TensorDict:
             coords = coords_px[:, ::-1] // stride  # (N, 2) (y, x) grid units
     Y = np.float32(np.nan) if label is None else label
     coords = None if coords is None else np.ascontiguousarray(coords)
-    return make_bag(np.asarray(features, dtype=np.float32), Y, coords=coords)
+    X = features if features.ndim == 4 else np.asarray(features, dtype=np.float32)
+    return make_bag(X, Y, coords=coords)
+
+
+def _images(images: np.ndarray, path: Path) -> np.ndarray:
+    """An `images` dataset as uint8 (N, 3, H, W); ValueError for anything else."""
+    if images.dtype != np.uint8 or images.ndim != 4 or 3 not in (images.shape[1], images.shape[3]):
+        raise ValueError(f"{path}: `images` must be uint8 RGB (N, 3, H, W) or (N, H, W, 3), got {images.dtype} "
+                         f"{images.shape}")
+    if images.shape[1] != 3:
+        images = images.transpose(0, 3, 1, 2)  # (N, H, W, 3) -> (N, 3, H, W)
+    return np.ascontiguousarray(images)
 
 
 # -- classic MIL CSV -----------------------------------------------------------------------------

@@ -34,6 +34,9 @@ def encode_instances(extractor: nn.Module, X: torch.Tensor, mask: torch.Tensor |
     activations of one chunk at a time. An extractor with BatchNorm sees each chunk twice in training.
     """
     batch, bag = X.shape[:2]
+    if isinstance(extractor, FeatureExtractor) and tuple(X.shape[2:]) != extractor.in_shape:
+        # the exported encoder resizes tiles to input_px: training on other sizes would not be what it runs
+        raise ValueError(f"the images are {tuple(X.shape[2:])} but the feature extractor takes {extractor.in_shape}")
     real = X.flatten(0, 1) if mask is None else X[mask]  # (n_real, *in_shape)
     parts = []
     for start in range(0, real.shape[0], max(1, int(chunk))):

@@ -184,3 +184,48 @@ def test_exported_pair_matches_eager_on_images(tmp_path):
     export_encoder(other.to_tile_encoder().eval(), tmp_path / "o.encoder.onnx", name="small_cnn", tile_px=8)
     with pytest.raises(ContractMismatchError, match="not the same file"):
         predict_images(runner, load_encoder(tmp_path / "o.encoder.onnx"), images(1, 3)[0].permute(0, 2, 3, 1).numpy())
+
+
+def image_folder(root, n_bags: int = 8, channels_last: bool = False):
+    """A folder of .h5 image bags (`images` uint8) from digit bags, and its slide_id,label table."""
+    import h5py
+
+    from mil_train.data.digits import digit_bags
+
+    root.mkdir()
+    rows = ["slide_id,label"]
+    for i, bag in enumerate(digit_bags(n_bags, seed=5)):
+        images = bag["X"].numpy()  # (N, 3, 8, 8)
+        with h5py.File(root / f"bag{i}.h5", "w") as h5:
+            h5["images"] = images.transpose(0, 2, 3, 1) if channels_last else images
+        rows.append(f"bag{i},{int(bag['Y'])}")
+    (root.parent / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root, root.parent / "labels.csv"
+
+
+def test_mil_train_learns_image_bags_with_a_feature_extractor(tmp_path):
+    from click.testing import CliRunner
+
+    from mil_train.checkpoint import load_checkpoint
+    from mil_train.cli import main
+
+    folder, labels = image_folder(tmp_path / "bags", channels_last=True)
+    base = ["ABMIL", str(folder), "--labels", str(labels), "--epochs", "1", "--val-fraction", "0",
+            "--model-arg", "att_dim=4"]
+    done = CliRunner().invoke(main, [*base, "-o", str(tmp_path / "m.pt"), "--feat-ext",
+                                     '{"name": "small_cnn", "widths": [4, 8], "out_dim": 6}', "--instance-chunk", "3"])
+    assert done.exit_code == 0, done.output
+    model, _ = load_checkpoint(tmp_path / "m.pt")
+    assert model.config["feat_ext"] == {"name": "small_cnn", "widths": [4, 8], "out_dim": 6}
+    assert model.config["in_dim"] == 6 and model.instance_chunk == 3
+
+    refusals = {
+        "give a feature extractor": [],
+        "takes (3, 16, 16)": ["--feat-ext", '{"name": "small_cnn", "input_px": 16}'],
+        "--instance-chunk is for models with a feature extractor": ["--instance-chunk", "4"],
+        "unknown feature extractor": ["--feat-ext", "nope"],
+    }
+    for message, extra in refusals.items():
+        refused = CliRunner().invoke(main, [*base, "-o", str(tmp_path / "x.pt"), *extra])
+        assert refused.exit_code != 0 and message in refused.output, (message, refused.output)
+        assert not (tmp_path / "x.pt").exists()
