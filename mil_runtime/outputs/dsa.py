@@ -120,6 +120,11 @@ def dsa_annotation(tiles: TileTable, result: dict, *, attention_class: str | Non
         probability = prediction.get("probability")
         shown = f" (p={probability:.3f})" if isinstance(probability, float) and math.isfinite(probability) else ""
         description += f"; prediction {prediction['class_name']}{shown}"
+    elif isinstance(prediction.get("risk"), (int, float)):  # a survival model
+        description += f"; risk {prediction['risk']:.3f}"
+    elif isinstance(prediction.get("values"), dict):  # a regression model
+        description += "; " + ", ".join(f"{name} {value:.3g}" for name, value in prediction["values"].items()
+                                        if isinstance(value, (int, float)))
     element = {
         "type": "griddata",
         "interpretation": "heatmap",

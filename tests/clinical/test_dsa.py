@@ -235,6 +235,17 @@ def test_provenance_in_attributes():
     assert document["attributes"]["prediction"]["class_name"] == "lesion"
 
 
+def test_survival_and_regression_results_describe_their_outputs(validator):
+    """A task model's record has no class: the description gives its risk or values instead."""
+    tiles = _tiles(seed=8)
+    for prediction, shown in (({"risk": 1.25, "hazards": [0.1, 0.2]}, "risk 1.250"),
+                              ({"values": {"age": 61.5}}, "age 61.5")):
+        result = {k: v for k, v in _result(tiles).items() if k != "probabilities"}
+        document = dsa_annotation(tiles, {**result, "prediction": prediction})
+        validator.validate(json.loads(json.dumps(document, allow_nan=False)))
+        assert shown in document["description"] and document["attributes"]["prediction"] == prediction
+
+
 def test_tiles_that_share_a_cell_or_none_at_all_are_refused():
     with pytest.raises(OutputError, match="share one cell"):
         tile_grid(np.array([[0, 0], [0, 0]]), 100, 100)
