@@ -314,13 +314,7 @@ def build_metadata(
             f"{len(names)} class names given for a model with n_classes={n_classes}; give "
             f"{max(n_classes, 2)} (binary models name the negative and the positive class)"
         )
-    encoder_ref = _coerce(encoder, EncoderRef, "encoder")
-    in_dim = int(model.config["in_dim"])
-    if encoder_ref is not None and int(encoder_ref.output_dim) != in_dim:
-        raise ContractMismatchError(
-            f"encoder {encoder_ref.name} gives {encoder_ref.output_dim}-d features but the model takes "
-            f"{in_dim}-d; export with the encoder the model was trained on"
-        )
+    encoder_ref, in_dim = _encoder_for(model, encoder)
     metadata = ModelMetadata(
         kind="mil",
         model_name=model.name,
@@ -342,6 +336,18 @@ def build_metadata(
     return metadata
 
 
+def _encoder_for(model: MILModel, encoder: dict | EncoderRef | None) -> tuple[EncoderRef | None, int]:
+    """(the encoder reference, the model's in_dim); ContractMismatchError when their widths differ."""
+    encoder_ref = _coerce(encoder, EncoderRef, "encoder")
+    in_dim = int(model.config["in_dim"])
+    if encoder_ref is not None and int(encoder_ref.output_dim) != in_dim:
+        raise ContractMismatchError(
+            f"encoder {encoder_ref.name} gives {encoder_ref.output_dim}-d features but the model takes "
+            f"{in_dim}-d; export with the encoder the model was trained on"
+        )
+    return encoder_ref, in_dim
+
+
 def _task_metadata(model: MILModel, *, target_names, encoder, tiling, provenance, feature_stats) -> ModelMetadata:
     """Metadata of a regression or survival model: milkit.task {"type", **the task's config}."""
     options = {k: v for k, v in model.task.metadata().items() if k != "type"}
@@ -353,13 +359,7 @@ def _task_metadata(model: MILModel, *, target_names, encoder, tiling, provenance
                 f"{len(options['target_names'])} target names given for a regression model with "
                 f"{model.task.head_dim} targets"
             )
-    encoder_ref = _coerce(encoder, EncoderRef, "encoder")
-    in_dim = int(model.config["in_dim"])
-    if encoder_ref is not None and int(encoder_ref.output_dim) != in_dim:
-        raise ContractMismatchError(
-            f"encoder {encoder_ref.name} gives {encoder_ref.output_dim}-d features but the model takes "
-            f"{in_dim}-d; export with the encoder the model was trained on"
-        )
+    encoder_ref, in_dim = _encoder_for(model, encoder)
     metadata = ModelMetadata(
         kind="mil", model_name=model.name, feature_dim=in_dim, inputs=input_names(model),
         outputs=output_names(model), model_config=dict(model.config), graph=model.graph_rule, encoder=encoder_ref,

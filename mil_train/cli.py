@@ -107,6 +107,19 @@ def set_instance_dim(bags: list, kwargs: dict[str, Any]) -> None:
         raise InvalidInputError(f"--model-arg in_dim={kwargs['in_dim']} but the data has {in_dim} features per instance")
 
 
+def build_model(model_name: str, kwargs: dict[str, Any], bags: list, data: Path, seed: int) -> tuple[Any, list]:
+    """The model built under `seed` (a wrong argument is exit 6), and the bags with the inputs it needs."""
+    from mil_train.models import create_model
+    from mil_train.trainer import seed_everything
+
+    seed_everything(seed)
+    try:
+        model = create_model(model_name, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"cannot build {model_name} with {kwargs}: {exc}") from None
+    return model, with_spatial_inputs(model, bags, data)
+
+
 def feat_ext_args(feat_ext: str | None, instance_chunk: int | None) -> tuple[str, ...]:
     """--feat-ext NAME or JSON ({"name": ..., **config}) and --instance-chunk as --model-arg pairs."""
     pairs: tuple[str, ...] = ()
@@ -343,8 +356,7 @@ def _train(
     allow_one_class: bool, precision: str = "fp32", options: RunOptions | None = None,
     task: TaskOptions | None = None,
 ) -> dict[str, Any]:
-    from mil_train.models import create_model, list_models
-    from mil_train.trainer import seed_everything
+    from mil_train.models import list_models
 
     options = options or RunOptions()
     if model_name not in list_models():
@@ -386,12 +398,7 @@ def _train(
             f"(n_classes={kwargs['n_classes']}); fix the labels or --model-arg n_classes"
         )
 
-    seed_everything(seed)
-    try:
-        model = create_model(model_name, **kwargs)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInputError(f"cannot build {model_name} with {kwargs}: {exc}") from None
-    bags = with_spatial_inputs(model, bags, data)
+    model, bags = build_model(model_name, kwargs, bags, data, seed)
     provenance = {
         "data": str(data), "n_bags": len(bags), "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
         "loss_weights": recorded_weights(weights), "precision": precision,
@@ -429,9 +436,7 @@ def _train_task(model_name: str, data: Path, output: Path, task: TaskOptions, *,
                 batch_size: int, settings: dict[str, Any]) -> dict[str, Any]:
     """mil-train for a regression or survival head (mil_train.tasks): labels checked, bins or target
     scaling from the bags (mil_train.tasks.labels), split stratified by the event for survival."""
-    from mil_train.models import create_model
     from mil_train.tasks.labels import prepare_task
-    from mil_train.trainer import seed_everything
 
     if options.class_weights != "none" or options.balanced_sampler:
         raise InvalidInputError(f"--class-weights and --balanced-sampler balance classes; a {task.type} model has none")
@@ -447,12 +452,7 @@ def _train_task(model_name: str, data: Path, output: Path, task: TaskOptions, *,
     except ValueError as exc:
         raise InvalidInputError(f"{data}: {exc}") from None
     set_instance_dim(bags, kwargs)
-    seed_everything(settings["seed"])
-    try:
-        model = create_model(model_name, **kwargs)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInputError(f"cannot build {model_name} with {kwargs}: {exc}") from None
-    bags = with_spatial_inputs(model, bags, data)
+    model, bags = build_model(model_name, kwargs, bags, data, settings["seed"])
     provenance = {
         "data": str(data), "n_bags": len(bags), "lr": settings["lr"], "weight_decay": settings["weight_decay"],
         "batch_size": batch_size, "loss_weights": recorded_weights(settings["loss_weights"]),

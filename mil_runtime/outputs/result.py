@@ -117,43 +117,26 @@ def result_document(
     warnings: list[str],
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One input's result in the schema above (`extra` holds the slide-only fields)."""
-    if not runner.metadata.is_classifier:
-        return _task_document(input_path=input_path, input_type=input_type, runner=runner, prediction=prediction,
-                              encoder=encoder, xy_level0=xy_level0, mpp=mpp, tiling=tiling, timings=timings,
-                              warnings=warnings, extra=extra)
+    """One input's result in the schema above (`extra` holds the slide-only fields). A regression or
+    survival model's "prediction" is its task's outputs, and it has no classes."""
+    if runner.metadata.is_classifier:
+        outcome = {
+            "prediction": {
+                "class_name": prediction.predicted_name,
+                "class_index": int(prediction.predicted_index),
+                "probability": float(prediction.probability),
+            },
+            "probabilities": prediction.probabilities_by_name(),
+            "logits": [float(v) for v in prediction.logits],
+        }
+    else:
+        outcome = {"prediction": prediction.task_outputs()}
     return {
         "milkit_version": __version__,
         "input": {"path": str(input_path), "type": input_type},
         "model": model_identity(runner),
         "encoder": encoder,
-        "prediction": {
-            "class_name": prediction.predicted_name,
-            "class_index": int(prediction.predicted_index),
-            "probability": float(prediction.probability),
-        },
-        "probabilities": prediction.probabilities_by_name(),
-        "logits": [float(v) for v in prediction.logits],
-        "n_instances": int(len(prediction.attention)),
-        "mpp": mpp,
-        "tiling": tiling,
-        "device": runner.device,
-        "timings_s": rounded_timings(timings),
-        "warnings": list(warnings),
-        **(extra or {}),
-        "tiles": tiles_field(xy_level0, prediction.attention, prediction.attention_by_class),
-    }
-
-
-def _task_document(*, input_path, input_type, runner, prediction, encoder, xy_level0, mpp, tiling, timings,
-                   warnings, extra) -> dict[str, Any]:
-    """A regression or survival model's result: the task's outputs as "prediction", no classes."""
-    return {
-        "milkit_version": __version__,
-        "input": {"path": str(input_path), "type": input_type},
-        "model": model_identity(runner),
-        "encoder": encoder,
-        "prediction": prediction.task_outputs(),
+        **outcome,
         "n_instances": int(len(prediction.attention)),
         "mpp": mpp,
         "tiling": tiling,
