@@ -13,6 +13,7 @@ Slides (generated once, cached under --cache, keyed by the generation settings):
 
 Protocol, the same for every model:
 - stratified 5-fold CV over the slides (`mil_train.folds.stratified_folds`, seed 0): the same folds for all;
+- features standardised with the mean and std of the training fold's tiles;
 - each model with its default arguments at in_dim 64, one output (binary: lesion / clean); graph and spatial
   models get coords and their graph the way mil-train gives them (`mil_train.cli.with_spatial_inputs`,
   the model's own `graph_rule`);
@@ -177,13 +178,25 @@ def tile_truth(slide: dict) -> np.ndarray:
     return (slide["lesion_fraction"] > 0).astype(np.int64)
 
 
-def to_bags(model, slides: list[dict], data_name: str) -> list:
-    """Bags with coords (grid units), and the model's graph where it reads one, as mil-train builds them."""
+def to_bags(model, slides: list[dict], data_name: str, scaling=None) -> list:
+    """Bags with coords (grid units), and the model's graph where it reads one, as mil-train builds them.
+
+    `scaling`: (mean, std) of the training fold's instances, applied to every bag's features."""
     from mil_train.cli import with_spatial_inputs
     from mil_train.data import make_bag
 
-    bags = [make_bag(s["features"], float(s["label"]), y_inst=tile_truth(s), coords=s["grid_yx"]) for s in slides]
+    mean, std = scaling if scaling is not None else (0.0, 1.0)
+    bags = [make_bag(((s["features"] - mean) / std).astype(np.float32), float(s["label"]), y_inst=tile_truth(s),
+                     coords=s["grid_yx"]) for s in slides]
     return with_spatial_inputs(model, bags, Path(data_name))
+
+
+def training_scaling(slides: list[dict], train: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std over the training slides' tiles: the demo encoder's features span very
+    different scales (stds from ~1e-4 to ~0.25), so, as benchmarks/classic_mil.py does, they are
+    standardised with the training fold only."""
+    features = np.concatenate([slides[i]["features"] for i in train]).astype(np.float64)  # (tiles, D)
+    return features.mean(axis=0), np.maximum(features.std(axis=0), 1e-6)
 
 
 def peak_rss_mb() -> float:
@@ -206,7 +219,7 @@ def run_model(job: dict) -> dict:
     for fold, (train, test) in enumerate(stratified_folds(labels, job["folds"], seed=FOLD_SEED)):
         seed_everything(fold)
         model = create_model(job["model"], in_dim=int(slides[0]["features"].shape[1]), n_classes=1)
-        bags = to_bags(model, slides, job["cache"])
+        bags = to_bags(model, slides, job["cache"], training_scaling(slides, train))
         trainer = Trainer(model, optimizer=lambda params: torch.optim.Adam(params, lr=LR, weight_decay=WEIGHT_DECAY),
                           epochs=job["epochs"], seed=fold, progress=False)
         started = time.perf_counter()
@@ -388,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
 def write_outputs(args, command: str, slides: list[dict], rows: list[dict], results: list[dict], wall: float) -> str:
     """The table so far (rewritten after every model, so a stopped run still leaves its rows)."""
     header = (f"`{command.strip()}`: {args.folds}-fold stratified CV (fold seed {FOLD_SEED}), Adam lr {LR:g} wd "
-              f"{WEIGHT_DECAY:g}, batch 1, epochs per model as in the table; {args.slide_px} px slides at "
+              f"{WEIGHT_DECAY:g}, batch 1, features standardised on the training fold, epochs per model as in the table; {args.slide_px} px slides at "
               f"{SLIDE_MPP} um/px, demo encoder (64-d, 128 px tiles at 1 um/px). Data: {describe(slides)}. "
               f"Wall {wall:.0f} s.")
     text = header + "\n\n" + table(rows) + "\n"

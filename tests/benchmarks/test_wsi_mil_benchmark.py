@@ -30,7 +30,7 @@ def bench():
 def cached(bench, tmp_path_factory):
     pytest.importorskip("tifffile")
     cache = tmp_path_factory.mktemp("wsi-cache")
-    return cache, bench.generate(4, SMALL_PX, cache, log=lambda text: None)
+    return cache, bench.generate(2, SMALL_PX, cache, log=lambda text: None)  # one lesion slide, one clean
 
 
 def test_specs_alternate_lesion_and_clean_slides_with_radii_in_range(bench):
@@ -45,7 +45,7 @@ def test_specs_alternate_lesion_and_clean_slides_with_radii_in_range(bench):
 
 def test_cached_slides_hold_pipeline_tiles_and_true_lesion_fractions(bench, cached):
     cache, paths = cached
-    assert [p.name for p in paths] == [f"slide{i:04d}.npz" for i in range(4)]
+    assert [p.name for p in paths] == [f"slide{i:04d}.npz" for i in range(2)]
     assert not list(paths[0].parent.glob("*.svs"))  # slides are deleted once encoded
     slides = bench.load_slides(paths)
     for index, slide in enumerate(slides):
@@ -70,7 +70,7 @@ def test_cached_slides_hold_pipeline_tiles_and_true_lesion_fractions(bench, cach
             assert (slide["lesion_fraction"] > 0).any()
     # A second call finds them cached: same files, not rewritten.
     stamps = [p.stat().st_mtime_ns for p in paths]
-    assert [p.stat().st_mtime_ns for p in bench.generate(4, SMALL_PX, cache, log=lambda t: None)] == stamps
+    assert [p.stat().st_mtime_ns for p in bench.generate(2, SMALL_PX, cache, log=lambda t: None)] == stamps
 
 
 def _slide(label, fractions, shares=()):
@@ -94,9 +94,25 @@ def test_localisation_scores_match_hand_computed_cases(bench):
     assert np.isnan(missing["instance_auroc"]) and np.isnan(missing["top_hit"])
 
 
-def test_tiny_cross_validated_run_scores_every_slide(bench, cached):
-    cache, paths = cached
-    job = {"model": "ABMIL", "paths": [str(p) for p in paths], "epochs": 1, "folds": 2, "cache": str(cache)}
+def fake_cached_slides(folder: Path, n: int = 4) -> list[Path]:
+    """Cached-slide files as generate() writes them, with random features: what run_model reads."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(n):
+        tiles = 12 + index
+        fraction = np.zeros(tiles)
+        fraction[:3] = 0.5 if index % 2 == 0 else 0.0
+        path = folder / f"slide{index:04d}.npz"
+        np.savez(path, features=rng.standard_normal((tiles, 8)).astype(np.float32),
+                 grid_yx=np.stack(np.divmod(np.arange(tiles), 4), axis=1), label=int(index % 2 == 0),
+                 lesion_fraction=fraction, lesion_share_of_tissue=np.array([0.02] if index % 2 == 0 else []))
+        paths.append(path)
+    return paths
+
+
+def test_tiny_cross_validated_run_scores_every_slide(bench, tmp_path):
+    paths = fake_cached_slides(tmp_path)
+    job = {"model": "ABMIL", "paths": [str(p) for p in paths], "epochs": 1, "folds": 2, "cache": str(tmp_path)}
     result = bench.run_model(job)
     assert len(result["probabilities"]) == 4 and all(0.0 <= p <= 1.0 for p in result["probabilities"])
     slides = bench.load_slides(paths)
@@ -117,3 +133,11 @@ def test_graph_models_get_their_graph_and_coords(bench, cached):
     (bag,) = bench.to_bags(model, slides, "cache")
     assert bag["coords"].tolist() == slides[0]["grid_yx"].tolist()
     assert bag["edge_index"].shape[0] == 2 and bag["edge_index"].shape[1] > 0
+
+
+def test_features_are_standardised_with_the_training_fold_only(bench):
+    slides = [{"features": np.array([[0.0, 10.0], [2.0, 10.0]])}, {"features": np.array([[4.0, 10.0]])},
+              {"features": np.array([[100.0, -50.0]])}]  # the held-out slide must not move the scaling
+    mean, std = bench.training_scaling(slides, [0, 1])
+    assert mean.tolist() == pytest.approx([2.0, 10.0])
+    assert std.tolist() == pytest.approx([np.sqrt(8 / 3), 1e-6])  # a constant feature keeps a floor, not 0
