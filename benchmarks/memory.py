@@ -16,15 +16,13 @@ the process's peak RSS during the first call (one bag in a fresh session: librar
 included) and during the second. The second can be higher: onnxruntime's CPU memory arena keeps the
 first call's blocks and, where they do not fit the second call's requests, takes more. The parent polls each worker's RSS every 20 ms and kills
 it above --limit-gb, so that a model that builds N x N tensors cannot take the machine down; such a
-cell reads "> limit (killed)". Models that declare `max_bag_size` skip larger sizes.
+cell says which limit killed it. Models that declare `max_bag_size` skip larger sizes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import guarded  # noqa: E402  (a worker process per cell, killed past its limits)
 import inference  # noqa: E402  (the shared setup: weights, export, variants, RSS helpers)
 
 DEFAULT_SIZES = (10_000, 50_000, 100_000)
 VARIANTS = ("ort_session", "milkit", "torchmil")
 LABELS = {"ort_session": "ORT session", "milkit": "milkit eager", "torchmil": "torchmil eager"}
-POLL_S = 0.02
 
 
 def worker(spec: dict) -> dict:
@@ -54,40 +52,9 @@ def worker(spec: dict) -> dict:
             "reset": was_reset, "torch_imported": "torch" in sys.modules}
 
 
-def _rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
 def run_guarded(spec: dict, limit_mb: float, timeout: float) -> dict:
-    """One worker process, killed when its RSS passes `limit_mb` or it runs past `timeout`."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen(command, stdout=out, stderr=err, text=True)
-        start, highest = time.monotonic(), 0.0
-        while process.poll() is None:
-            highest = max(highest, _rss_mb(process.pid))
-            if highest > limit_mb:
-                process.kill()
-                process.wait()
-                return {"killed": f"> {limit_mb / 1024:.1f} GB (killed)"}
-            if time.monotonic() - start > timeout:
-                process.kill()
-                process.wait()
-                return {"killed": f"timed out after {timeout:.0f} s"}
-            time.sleep(POLL_S)
-        out.seek(0)
-        err.seek(0)
-        for line in reversed(out.read().splitlines()):
-            if line.startswith("RESULT "):
-                return json.loads(line[len("RESULT "):])
-        last = (err.read().strip().splitlines() or [f"exit code {process.returncode}"])[-1][:160]
-        return {"error": last}
+    """One worker process of this script, killed past `limit_mb` RSS or `timeout` s (benchmarks/guarded.py)."""
+    return guarded.run_guarded(__file__, spec, limit_mb, timeout)
 
 
 def cell(result: dict | None) -> str:

@@ -26,10 +26,7 @@ import argparse
 import json
 import os
 import platform
-import resource
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,39 +34,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import guarded  # noqa: E402  (a worker process per cell, killed past its limits)
+from inference import peak_rss_mb, reset_peak_rss  # noqa: E402  (the kernel's peak-RSS mark)
 
 IN_DIM = 1024
 DEFAULT_SIZES = (1_000, 10_000, 50_000)
-POLL_S = 0.02
 LR = 1e-4
 
 
 # -- inside a worker ----------------------------------------------------------------------------------
-
-
-def _status_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False where Linux does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-    except OSError:
-        return False
-    return _status_kb("VmHWM") is not None
-
-
-def peak_rss_mb() -> float:
-    kb = _status_kb("VmHWM")
-    return (kb if kb is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
 
 
 def grid_coords(n: int):
@@ -124,40 +98,9 @@ def worker(spec: dict) -> dict:
 # -- the parent ---------------------------------------------------------------------------------------
 
 
-def _rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
 def run_guarded(spec: dict, limit_mb: float, timeout: float) -> dict:
-    """One worker process, killed when its RSS passes `limit_mb` or it runs past `timeout`."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen(command, stdout=out, stderr=err, text=True)
-        start, highest = time.monotonic(), 0.0
-        while process.poll() is None:
-            highest = max(highest, _rss_mb(process.pid))
-            if highest > limit_mb:
-                process.kill()
-                process.wait()
-                return {"limit": f"memory limit (> {limit_mb / 1024:g} GB RSS, killed)"}
-            if time.monotonic() - start > timeout:
-                process.kill()
-                process.wait()
-                return {"limit": f"time limit (> {timeout:g} s, killed; highest RSS {highest / 1024:.1f} GB)"}
-            time.sleep(POLL_S)
-        out.seek(0)
-        err.seek(0)
-        for line in reversed(out.read().splitlines()):
-            if line.startswith("RESULT "):
-                return json.loads(line[len("RESULT "):])
-        last = (err.read().strip().splitlines() or [f"exit code {process.returncode}"])[-1][:160]
-        return {"error": last}
+    """One worker process of this script, killed past `limit_mb` RSS or `timeout` s (benchmarks/guarded.py)."""
+    return guarded.run_guarded(__file__, spec, limit_mb, timeout)
 
 
 def attention_limit(name: str, size: int) -> str | None:
@@ -173,8 +116,8 @@ def attention_limit(name: str, size: int) -> str | None:
 def cell(result: dict) -> str:
     if "skip" in result:
         return result["skip"]
-    if "limit" in result:
-        return result["limit"]
+    if "killed" in result:
+        return result["killed"]
     if "error" in result:
         return f"failed ({result['error'][:100]})"
     memory = (f"{result['cuda_peak_mb'] / 1024:.2f} GB CUDA, " if result.get("cuda_peak_mb") is not None else "")
@@ -198,7 +141,7 @@ def measure(names: list[str], sizes: list[int], args, log=print) -> list[dict]:
             else:
                 spec = {"model": name, "size": size, "steps": args.steps, "device": args.device, "threads": args.threads}
                 result = run_guarded(spec, args.limit_gb * 1024, args.timeout)
-                if "limit" in result or "error" in result:
+                if "killed" in result or "error" in result:
                     limited_at = size
             row["cells"][size] = result
             log(f"{name} {size:,}: {cell(result)}")

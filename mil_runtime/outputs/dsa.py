@@ -30,7 +30,6 @@ origin.y + dy * (i // gridWidth)) and draws a heatmap point there, so:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mil_runtime.errors import InvalidInputError, MilkitError
 from mil_runtime.serve.auth import Auth, route_path
 from mil_runtime.serve.errors import ApiError
-from mil_runtime.serve.jobs import ACTIVE, CANCELLED, DONE, FAILED, GEOJSON_FRAME, Handle, JobData, JobManager
+from mil_runtime.serve.jobs import CANCELLED, DONE, FAILED, Handle, JobData, JobManager
 from mil_runtime.serve.overlay import AttentionRaster, Colouring, legend_png
 from mil_runtime.serve.paths import list_slides, resolve_slide
 from mil_runtime.serve.tiles import BytesLRU, SlideTiles

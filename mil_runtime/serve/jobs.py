@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from mil_runtime.errors import InvalidInputError, MilkitError
+from mil_runtime.errors import InvalidInputError
 from mil_runtime.serve.errors import ApiError, one_line
 from mil_runtime.serve.models import ModelEntry
 from mil_runtime.serve.store import Store

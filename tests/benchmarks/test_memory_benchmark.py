@@ -36,6 +36,6 @@ def test_the_guard_kills_a_worker_above_the_limit(monkeypatch):
     spec.loader.exec_module(module)
     hog = [sys.executable, "-c", "import time; x = bytearray(400 * 2**20); x[::4096] = b'1' * len(x[::4096]); time.sleep(30)"]
     real_popen = subprocess.Popen
-    monkeypatch.setattr(module.subprocess, "Popen", lambda _command, **kw: real_popen(hog, **kw))
+    monkeypatch.setattr(module.guarded.subprocess, "Popen", lambda _command, **kw: real_popen(hog, **kw))
     result = module.run_guarded({}, limit_mb=200, timeout=60)
-    assert result == {"killed": "> 0.2 GB (killed)"}
+    assert result == {"killed": "memory limit (> 0.195312 GB RSS, killed)"}

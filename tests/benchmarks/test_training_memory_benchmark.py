@@ -44,7 +44,7 @@ def test_guard_kills_a_worker_over_its_memory_limit():
     bench = load_bench()
     spec = {"model": "ABMIL", "size": 64, "steps": 1, "device": "cpu", "threads": 1}
     result = bench.run_guarded(spec, limit_mb=40, timeout=60)  # importing torch alone passes 40 MB
-    assert result["limit"].startswith("memory limit")
+    assert result["killed"].startswith("memory limit")
 
 
 def test_limits_are_named_and_larger_sizes_skipped(monkeypatch):
@@ -55,7 +55,7 @@ def test_limits_are_named_and_larger_sizes_skipped(monkeypatch):
 
     def fake_guard(spec, limit_mb, timeout):  # the 10,000 run hits the time limit
         calls.append(spec["size"])
-        return {"limit": "time limit (> 1 s)"} if spec["size"] >= 10_000 else {
+        return {"killed": "time limit (> 1 s)"} if spec["size"] >= 10_000 else {
             "bags_per_s": 2.0, "seconds": 1.0, "peak_mb": 900.0, "process_peak_mb": 950.0, "cuda_peak_mb": None}
 
     monkeypatch.setattr(bench, "run_guarded", fake_guard)
