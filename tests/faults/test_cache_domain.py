@@ -83,7 +83,8 @@ def first_run(tmp_path_factory):
     return json.loads(run.stdout), (out / f"{SLIDE.stem}.features.h5").read_bytes()
 
 
-@pytest.mark.parametrize("damage", [_nan_row, _truncate, _garbage, _flipped_bits],
+@pytest.mark.parametrize("damage", [_nan_row, *(pytest.param(d, marks=pytest.mark.slow)  # 4 s each: the slow suite
+                                              for d in (_truncate, _garbage, _flipped_bits))],
                          ids=["nan", "truncated", "not-hdf5", "flipped-bits"])
 def test_damaged_feature_cache_is_reencoded_with_a_warning(tmp_path, first_run, damage):
     from mil_runtime.features_io import read_feature_file

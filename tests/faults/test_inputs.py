@@ -222,7 +222,8 @@ def test_validate_exit_4_on_a_config_of_the_wrong_types(tmp_path):
     assert_refused(run("mil_export.cli", "validate", path, "--sizes", "1,2"), 4, "milkit.model")
 
 
-@pytest.mark.parametrize("case", ["model-is-a-list", "n_classes-is-a-string", "encoder-extra-key"])
+@pytest.mark.parametrize("case", ["model-is-a-list", pytest.param("n_classes-is-a-string", marks=pytest.mark.slow),
+                                  pytest.param("encoder-extra-key", marks=pytest.mark.slow)])  # 6 s each
 def test_mil_infer_and_validate_exit_4_on_wrong_metadata_types(tmp_path, case):
     path = with_props(tmp_path, **BAD_METADATA[case])
     features = write_h5(tmp_path / "ok.h5", _features())
@@ -250,7 +251,7 @@ def train(tmp_path: Path, data: Path, *extra) -> subprocess.CompletedProcess:
     return run("mil_train.cli", "ABMIL", data, "-o", tmp_path / "m.pt", "--epochs", 1, "--val-fraction", 0, *extra)
 
 
-@pytest.mark.parametrize("bad", ["nan", "inf", "-inf", "1e300"])
+@pytest.mark.parametrize("bad", ["nan", *(pytest.param(b, marks=pytest.mark.slow) for b in ("inf", "-inf", "1e300"))])
 def test_mil_train_refuses_nan_and_inf(tmp_path, bad):
     rows = _csv_rows()
     rows[7][3] = bad

@@ -167,7 +167,10 @@ def test_cli_records_a_different_run_key_for_a_different_setting(tmp_path, slide
 
 # --- kill at every step of the commit ----------------------------------------------------------------
 
-@pytest.mark.parametrize("k", range(N_RENAMES + 1))
+# A kill before the first and after the last rename in the quick loop; every rename between in the slow suite
+# (4 s each: a subprocess run per case)
+@pytest.mark.parametrize("k", [k if k in (0, N_RENAMES) else pytest.param(k, marks=pytest.mark.slow)
+                               for k in range(N_RENAMES + 1)])
 def test_sigkill_after_each_rename_never_leaves_a_set_that_reads_complete_but_mixed(tmp_path, slides, k):
     """Over an older complete set of another slide: killed after rename k, the folder holds either the old
     set, complete (k = 0: nothing renamed), a set that reads incomplete (1..5), or the new one (6). The next
