@@ -64,10 +64,11 @@ def _encode_images_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tu
     return args, {**kwargs, "X": features}
 
 
-def _with_features(model: nn.Module, batch: Any) -> Any:
-    """The batch with image X replaced by the extractor's features (a shallow copy; features pass as they are)."""
+def with_features(model: nn.Module, batch: Any) -> Any:
+    """The batch with image X replaced by the model's extractor's features (a shallow copy); a batch of
+    features, or a model without an extractor, as it is (MILModel.compute_loss calls this)."""
     X = batch["X"]
-    if X.dim() < 4:
+    if X.dim() < 4 or feat_ext_of(model) is None:
         return batch
     features = encode_instances(model.feat_ext, X, batch.get("mask", None), model.instance_chunk)  # (batch, bag, D)
     if hasattr(batch, "clone") and hasattr(batch, "batch_size"):  # a TensorDict: copy the structure, not the data
@@ -75,14 +76,6 @@ def _with_features(model: nn.Module, batch: Any) -> Any:
         batch["X"] = features
         return batch
     return {**batch, "X": features}
-
-
-def _loss_on_features(model: nn.Module, compute_loss):
-    """compute_loss on the extracted features: models whose loss reads X besides forward (instance
-    losses, pseudo-bags) see features there too, and the extractor runs once per step."""
-    def compute_loss_with_extractor(batch: Any):
-        return compute_loss(_with_features(model, batch))
-    return compute_loss_with_extractor
 
 
 def attach_feat_ext(model: nn.Module, feat_ext: FeatureExtractor | dict[str, Any],
@@ -105,7 +98,6 @@ def attach_feat_ext(model: nn.Module, feat_ext: FeatureExtractor | dict[str, Any
         raise ValueError(f"instance_chunk must be >= 1, got {instance_chunk}")
     model.feat_ext, model.instance_chunk = feat_ext, int(instance_chunk)
     model.register_forward_pre_hook(_encode_images_hook, with_kwargs=True)
-    model.compute_loss = _loss_on_features(model, model.compute_loss)
     if feat_ext.spec is not None:  # what a checkpoint rebuilds it from (create_model(name, **config))
         model.config["feat_ext"] = dict(feat_ext.spec)
         model.config["instance_chunk"] = int(instance_chunk)

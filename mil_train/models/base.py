@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mil_train.feat_ext.attach import DEFAULT_INSTANCE_CHUNK, attach_feat_ext, with_features
 from mil_train.nn.masking import masked_softmax  # noqa: F401  (re-exported: models import it from here)
 from mil_train.tasks import ClassificationTask, Task, make_task
 
@@ -90,10 +91,14 @@ class MILModel(nn.Module):
             self.config["task"] = task.to_config()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """Every subclass constructor takes `task=` (see `_with_task`), without naming it itself."""
+        """Every subclass constructor takes `task=` (see `_with_task`) and `feat_ext=` / `instance_chunk=`
+        (see `_with_feat_ext`) without naming them itself, and every `compute_loss` sees the extracted
+        features of image bags (mil_train.feat_ext), whatever it reads besides forward."""
         super().__init_subclass__(**kwargs)
         if "__init__" in cls.__dict__:
-            cls.__init__ = _with_task(cls.__dict__["__init__"])
+            cls.__init__ = _with_feat_ext(_with_task(cls.__dict__["__init__"]))
+        if "compute_loss" in cls.__dict__:
+            cls.compute_loss = _on_features(cls.__dict__["compute_loss"])
 
     @property
     def is_classifier(self) -> bool:
@@ -167,6 +172,7 @@ class MILModel(nn.Module):
         Models with auxiliary losses override this and add terms under stable names; the Trainer
         weighs each term by name.
         """
+        batch = with_features(self, batch)  # subclasses' compute_loss get this from __init_subclass__
         out = self(
             batch["X"],
             batch.get("mask", None),
@@ -175,6 +181,33 @@ class MILModel(nn.Module):
             coords=batch.get("coords", None),
         )
         return out.logits, {"cls": self.classification_loss(out.logits, batch["Y"])}
+
+
+def _with_feat_ext(init):
+    """Wrap a model constructor so it takes `feat_ext=` (a FeatureExtractor or a registered spec
+    {"name": ..., **config}) and `instance_chunk=`: the extractor is attached once the model is built
+    (mil_train.feat_ext.attach_feat_ext), and recorded in its config when it is registered."""
+
+    @functools.wraps(init)
+    def constructor(self, *args: Any, feat_ext: Any = None, instance_chunk: int | None = None, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        if feat_ext is not None:
+            attach_feat_ext(self, feat_ext, instance_chunk or DEFAULT_INSTANCE_CHUNK)
+        elif instance_chunk is not None:
+            raise ValueError("instance_chunk is for models with a feature extractor (feat_ext=)")
+
+    return constructor
+
+
+def _on_features(compute_loss):
+    """compute_loss on the features of image bags: models whose loss reads X besides forward (instance
+    losses, pseudo-bags) see features there too, and the extractor runs once per step."""
+
+    @functools.wraps(compute_loss)
+    def on_features(self, batch: Any):
+        return compute_loss(self, with_features(self, batch))
+
+    return on_features
 
 
 def _with_task(init):

@@ -31,16 +31,7 @@ def get_model_class(name: str) -> type[MILModel]:
         raise KeyError(f"unknown model {name!r}; registered: {', '.join(list_models())}") from None
 
 
-def create_model(name: str, *, feat_ext: Any = None, instance_chunk: int | None = None, **kwargs: Any) -> MILModel:
-    """The registered model `name` built with `kwargs`; with `feat_ext` (a FeatureExtractor or a registered
-    spec {"name": ..., **config}, mil_train.feat_ext) it takes images and extracts their features itself,
-    `instance_chunk` real instances at a time."""
-    model = get_model_class(name)(**kwargs)
-    if feat_ext is not None:
-        from mil_train.feat_ext import attach_feat_ext
-        from mil_train.feat_ext.attach import DEFAULT_INSTANCE_CHUNK
-
-        attach_feat_ext(model, feat_ext, instance_chunk or DEFAULT_INSTANCE_CHUNK)
-    elif instance_chunk is not None:
-        raise ValueError("instance_chunk is for models with a feature extractor (feat_ext=)")
-    return model
+def create_model(name: str, **kwargs: Any) -> MILModel:
+    """The registered model `name` built with `kwargs`: its own arguments, plus `task=`, and `feat_ext=` /
+    `instance_chunk=` (mil_train.feat_ext), which every registered model takes."""
+    return get_model_class(name)(**kwargs)

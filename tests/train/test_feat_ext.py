@@ -229,3 +229,24 @@ def test_mil_train_learns_image_bags_with_a_feature_extractor(tmp_path):
         refused = CliRunner().invoke(main, [*base, "-o", str(tmp_path / "x.pt"), *extra])
         assert refused.exit_code != 0 and message in refused.output, (message, refused.output)
         assert not (tmp_path / "x.pt").exists()
+
+
+def test_every_constructor_takes_a_feature_extractor_and_a_copy_uses_its_own():
+    """ABMIL(feat_ext=...) as create_model does; a deep copy (EMA, a fold's fresh model) computes its loss
+    with its own extractor, not the original's."""
+    import copy
+
+    from mil_train.models import ABMIL
+
+    model = ABMIL(in_dim=6, att_dim=8, feat_ext=SPEC, instance_chunk=2)
+    assert model.config["feat_ext"] == SPEC and model.instance_chunk == 2
+    with pytest.raises(ValueError, match="instance_chunk is for models with a feature extractor"):
+        ABMIL(in_dim=6, instance_chunk=2)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.feat_ext.parameters():
+            p.add_(0.5)
+    batch = {"X": images(1, 4, seed=6), "Y": torch.tensor([1.0])}
+    twin.compute_loss(batch)[1]["cls"].backward()
+    assert all(p.grad is not None for p in twin.feat_ext.parameters())
+    assert all(p.grad is None for p in model.feat_ext.parameters())
