@@ -16,7 +16,6 @@ step = the epoch number. Two are built in:
 from __future__ import annotations
 
 import csv
-import io
 import numbers
 import os
 from collections.abc import Iterable, Mapping
@@ -26,6 +25,20 @@ from typing import Any, Protocol
 
 class Logger(Protocol):
     def log(self, metrics: Mapping[str, Any], step: int) -> None: ...
+
+
+def write_rows_csv(path: Path, rows: list[Mapping[str, Any]]) -> None:
+    """All rows as one CSV, written atomically (mil_runtime.atomic); the header is every key in order of
+    first appearance, so a column that appears later (a new loss term) is blank in earlier rows."""
+    from mil_runtime.atomic import atomic_write
+
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with atomic_write(path, "w") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 class CSVLogger:
@@ -51,16 +64,7 @@ class CSVLogger:
         if self.rows is None:
             self.rows = self._earlier_rows(step)
         self.rows.append({"step": step, **metrics})
-        columns: list[str] = []
-        for row in self.rows:
-            columns += [k for k in row if k not in columns]
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(self.rows)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(buffer.getvalue())
-        os.replace(tmp, self.path)
+        write_rows_csv(self.path, self.rows)
 
     def close(self) -> None:
         pass

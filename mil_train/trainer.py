@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
-import io
 import math
 import os
 import random
@@ -46,7 +44,7 @@ from tqdm.auto import tqdm
 
 from mil_train import distributed as dist_utils
 from mil_train.checkpoint import load_checkpoint_payload, save_checkpoint
-from mil_train.loggers import log_all
+from mil_train.loggers import log_all, write_rows_csv
 from mil_train.metrics import LOWER_IS_BETTER, METRIC_NAMES, REGRESSION_METRIC_NAMES, SURVIVAL_METRIC_NAMES
 from mil_train.models.base import MILModel
 from mil_train.sampling import class_weighted
@@ -572,16 +570,7 @@ class Trainer:
         """Rewrite the whole CSV each epoch via a temp file, so a crash never leaves a torn row."""
         if self.log_csv is None or not self.is_main:
             return
-        columns: list[str] = []
-        for row in self.history:
-            columns += [k for k in row if k not in columns]
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(self.history)
-        tmp = self.log_csv.with_name(self.log_csv.name + ".tmp")
-        tmp.write_text(buffer.getvalue())
-        os.replace(tmp, self.log_csv)
+        write_rows_csv(self.log_csv, self.history)
 
 
 def _loader_generators(loader: DataLoader) -> list[torch.Generator]:
