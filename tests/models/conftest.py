@@ -3,20 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from model_cases import small_config  # beside this file (pytest puts the test folder on sys.path)
+from model_cases import build_model  # beside this file (pytest puts the test folder on sys.path)
 
-IN_DIM = 32
 TILING = {"tile_px": 224, "mpp": 0.5, "overlap": 0.0}
-
-
-def build_model(name: str, n_classes: int, seed: int = 0, in_dim: int = IN_DIM):
-    """The registered model `name` with the test widths, seeded, in eval mode."""
-    from mil_train.models import create_model
-
-    torch.manual_seed(seed)
-    return create_model(name, **small_config(name, in_dim, n_classes)).eval()
 
 
 @pytest.fixture(scope="session")

@@ -37,8 +37,21 @@ SMALL_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+IN_DIM = 32  # the feature width of the registry-parametrised tests
+
+
 def small_config(name: str, in_dim: int, n_classes: int) -> dict[str, Any]:
     return {"in_dim": in_dim, "n_classes": n_classes, **SMALL_CONFIGS.get(name, {})}
+
+
+def build_model(name: str, n_classes: int, seed: int = 0, in_dim: int = IN_DIM):
+    """The registered model `name` with the test widths, seeded, in eval mode."""
+    import torch
+
+    from mil_train.models import create_model
+
+    torch.manual_seed(seed)
+    return create_model(name, **small_config(name, in_dim, n_classes)).eval()
 
 
 # Trainer settings of the planted-positives test, where a model's own differ from the common ones.

@@ -24,8 +24,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import IN_DIM, build_model
-from model_cases import onnx_sizes, small_config, torchmil_large_bag, training_settings
+from model_cases import IN_DIM, build_model, onnx_sizes, small_config, torchmil_large_bag, training_settings
 from mil_runtime import contract
 from mil_train.models import create_model, get_model_class, list_models
 from bag_helpers import pad
