@@ -81,7 +81,8 @@ class OpenedSlide:
     path: Path
     slide: object  # openslide.OpenSlide
     generator: object  # openslide.deepzoom.DeepZoomGenerator
-    identity: str  # size:mtime_ns, the ETag's base
+    identity: str  # size:mtime_ns of the file OpenSlide opened, the ETag's base
+    source: Path  # that file: `path` itself, or a DICOM series' level-0 instance
 
     @property
     def grid(self) -> DeepZoomGrid:
@@ -119,6 +120,15 @@ class BytesLRU:
                 self.size -= len(dropped)
 
 
+def _identity(path: Path) -> str | None:
+    """size:mtime_ns of a file, None when it is gone."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
 class SlideTiles:
     """Open slides (LRU) and their Deep Zoom tiles."""
 
@@ -134,20 +144,21 @@ class SlideTiles:
         from mil_runtime.errors import SlideReadError
         from mil_runtime.slide.dicom import resolve_dicom_input
 
-        # A DICOM series (its folder, or any .dcm of it) opens as its level-0 instance, as mil-infer opens it
-        source = resolve_dicom_input(path) if path.is_dir() or path.suffix.lower() == ".dcm" else path
-        stat = os.stat(source)
-        identity = f"{stat.st_size}:{stat.st_mtime_ns}"
         with self._lock:
             found = self._open.get(path)
-            if found is not None and found.identity == identity:
+        if found is not None and _identity(found.source) == found.identity:  # one stat a tile, even for DICOM
+            with self._lock:
                 self._open.move_to_end(path)
-                return found
+            return found
+        # A DICOM series (its folder, or any .dcm of it) opens as its level-0 instance, as mil-infer opens it
+        source = resolve_dicom_input(path) if path.is_dir() or path.suffix.lower() == ".dcm" else path
+        identity = _identity(source)
         try:
             slide = OpenSlide(str(source))
         except (OpenSlideError, OpenSlideUnsupportedFormatError, OSError) as exc:
             raise SlideReadError(f"{path.name}: OpenSlide cannot open it ({' '.join(str(exc).split())[:200]})") from None
-        opened = OpenedSlide(path, slide, DeepZoomGenerator(slide, TILE_SIZE, OVERLAP, limit_bounds=False), identity)
+        opened = OpenedSlide(path, slide, DeepZoomGenerator(slide, TILE_SIZE, OVERLAP, limit_bounds=False), identity,
+                             source)
         with self._lock:
             self._open[path] = opened
             while len(self._open) > MAX_OPEN_SLIDES:
