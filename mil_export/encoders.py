@@ -30,7 +30,8 @@ from torch import nn
 from mil_runtime._version import __version__
 from mil_runtime.contract import BATCH_AXIS, ENCODER_OUTPUT, TILES, ModelMetadata
 from mil_runtime.encoder import sha256_file
-from mil_runtime.errors import InputNotFoundError, MilkitError, ModelFormatError, OutputError
+from mil_export.weights import load_weights
+from mil_runtime.errors import MilkitError, OutputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -157,16 +158,30 @@ ENCODERS: dict[str, Callable[[int | None], tuple[TileEncoder, set[str]]]] = {
 }
 
 
+def foundation_names() -> list[str]:
+    from mil_export.foundation import foundation_names as names
+
+    return names()
+
+
+def build_foundation(name: str, *, input_px: int | None, depth: int | None) -> tuple[TileEncoder, set[str]]:
+    from mil_export.foundation import build_foundation as build
+
+    return build(name, input_px=input_px, depth=depth)
+
+
 def list_encoders() -> list[str]:
-    return sorted(ENCODERS) + ["timm:<model_name>"]
+    return sorted(ENCODERS) + foundation_names() + ["timm:<model_name>"]
 
 
 def build_encoder(
-    name: str, weights: str | os.PathLike | None = None, *, input_px: int | None = None
+    name: str, weights: str | os.PathLike | None = None, *, input_px: int | None = None,
+    depth: int | None = None,
 ) -> tuple[TileEncoder, dict[str, Any]]:
     """Build a registered encoder in eval mode, with weights from a local file or a seeded random init.
 
     Returns (encoder, info); info records the weights file and its sha256 (None for random init).
+    `depth` builds a foundation-model entry with fewer blocks (same block types and widths): tests only.
     """
     with torch.random.fork_rng(devices=[]):  # a fixed init that leaves the caller's RNG alone
         torch.manual_seed(RANDOM_INIT_SEED)
@@ -174,6 +189,8 @@ def build_encoder(
             encoder, dropped = _timm(name[len("timm:"):], input_px)
         elif name in ENCODERS:
             encoder, dropped = ENCODERS[name](input_px)
+        elif name in foundation_names():
+            encoder, dropped = build_foundation(name, input_px=input_px, depth=depth)
         else:
             raise MilkitError(f"unknown encoder {name!r}; known: {', '.join(list_encoders())}")
     info: dict[str, Any] = {"architecture": name, "weights": None, "weights_sha256": None, "random_init": True}
@@ -184,42 +201,9 @@ def build_encoder(
             stacklevel=2,
         )
     else:
-        _load_weights(encoder.backbone, Path(weights), dropped, name)
+        load_weights(encoder.backbone, Path(weights), dropped, name)
         info.update(weights=Path(weights).name, weights_sha256=sha256_file(weights), random_init=False)
     return encoder.eval(), info
-
-
-def _load_weights(backbone: nn.Module, path: Path, dropped: set[str], name: str) -> None:
-    """Load a state_dict file (tensors only, weights_only=True) into `backbone`, strictly."""
-    if not path.is_file():
-        raise InputNotFoundError(f"weights file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types
-        raise ModelFormatError(f"{path} is not a loadable state_dict ({type(exc).__name__}); save one with "
-                               "torch.save(model.state_dict(), path)") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]  # common checkpoint wrapper
-    if not isinstance(state, dict):
-        raise ModelFormatError(f"{path} holds a {type(state).__name__}, not a state_dict")
-    state = {_strip_prefixes(k): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not any(k.startswith(p) for p in dropped)}
-    try:
-        backbone.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        detail = str(exc).splitlines()[1:3]
-        raise ModelFormatError(
-            f"{path} does not fit encoder {name!r}: {' '.join(s.strip() for s in detail)[:300]}; "
-            "pass the weights of this architecture"
-        ) from None
-
-
-def _strip_prefixes(key: str) -> str:
-    """Keys saved from DataParallel ("module.") or from a whole TileEncoder ("backbone.")."""
-    for prefix in ("module.", "backbone."):
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-    return key
 
 
 # -- export --------------------------------------------------------------------------------------
