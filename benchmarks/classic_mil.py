@@ -111,14 +111,15 @@ def run_fold(job: dict) -> dict:
             "seconds": time.perf_counter() - started}
 
 
-def jobs_for(models: list[str], datasets: dict[str, str], repeats: int, folds: int, epochs: int) -> list[dict]:
+def jobs_for(models: list[str], datasets: dict[str, str], repeats: int, folds: int, epochs: int,
+             first_repeat: int = 0) -> list[dict]:
     """One job per (model, dataset, repeat, fold); the folds depend on the dataset and repeat only."""
     from sklearn.model_selection import StratifiedKFold
 
     jobs = []
     for dataset, path in datasets.items():
         labels = bag_labels(load_table(path))
-        for repeat in range(repeats):
+        for repeat in range(first_repeat, first_repeat + repeats):
             splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=repeat)
             for fold, (train, test) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
                 for model in models:
@@ -139,20 +140,41 @@ def summarise(results: list[dict], model: str, dataset: str) -> dict:
         p = np.concatenate([r["p"] for r in rows if r["repeat"] == repeat])
         accuracy.append(float(np.mean((p >= 0.5) == (y == 1))))
         auroc.append(float(roc_auc_score(y, p)))
-    return {"model": model, "dataset": dataset, "accuracy": accuracy, "auroc": auroc,
-            "seconds": float(sum(r["seconds"] for r in rows)), "published": PUBLISHED.get((model, dataset))}
+    folds = len({(r["repeat"], r["fold"]) for r in rows})
+    return {"model": model, "dataset": dataset, "accuracy": accuracy, "auroc": auroc, "repeats": len(accuracy),
+            "folds": folds, "seconds": float(sum(r["seconds"] for r in rows)),
+            "published": PUBLISHED.get((model, dataset))}
 
 
 def table(rows: list[dict], skipped: list[str]) -> str:
-    lines = ["| model | dataset | accuracy | AUROC | published accuracy | fold time (s) |", "|---|---|---|---|---|---|"]
+    """Mean ± std over repeats; with one repeat there is no spread to give, so none is printed."""
+    lines = ["| model | dataset | repeats x folds | accuracy | AUROC | published accuracy | fold time (s) |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
         pub = row["published"]
         published = f"{pub[0]:.3f} ± {pub[1]:.3f} ({pub[2]})" if pub else "-"
-        lines.append(f"| {row['model']} | {row['dataset']} | {np.mean(row['accuracy']):.3f} ± {np.std(row['accuracy']):.3f} "
-                     f"| {np.mean(row['auroc']):.3f} ± {np.std(row['auroc']):.3f} | {published} | {row['seconds']:.0f} |")
+        repeats = row.get("repeats", len(row["accuracy"]))
+        folds = row.get("folds", 0) // max(repeats, 1)
+        lines.append(f"| {row['model']} | {row['dataset']} | {repeats} x {folds} | {_spread(row['accuracy'])} "
+                     f"| {_spread(row['auroc'])} | {published} | {row['seconds']:.0f} |")
     for name in skipped:
-        lines.append(f"| {name} | - | needs spatial structure (graph or coords) | | | |")
+        lines.append(f"| {name} | - | - | needs spatial structure (graph or coords) | | | |")
     return "\n".join(lines)
+
+
+def _spread(values: list[float]) -> str:
+    return f"{np.mean(values):.3f}" if len(values) < 2 else f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+
+
+def read_fold_log(path: Path | None) -> list[dict]:
+    """Finished folds of an earlier (maybe interrupted) run: one JSON object per line."""
+    if path is None or not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _key(row: dict) -> tuple:
+    return row["model"], row["dataset"], row["repeat"], row["fold"]
 
 
 def parse_csvs(pairs: list[str]) -> dict[str, str]:
@@ -172,10 +194,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", default="musk1,elephant", help=f"comma-separated CSVs of {DATA}; '' for none")
     parser.add_argument("--csv", action="append", default=[], metavar="NAME=PATH", help="another dataset (repeatable)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--first-repeat", type=int, default=0, help="run repeats FIRST .. FIRST+REPEATS-1 (fold "
+                                                                    "seeds), to add repeats to an earlier run")
     parser.add_argument("--folds", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--workers", type=int, default=2, help="processes, one fold each at a time")
     parser.add_argument("--json", type=Path, default=None, help="also write the per-fold results and the table here")
+    parser.add_argument("--fold-log", type=Path, default=None,
+                        help="append each finished fold here (JSON lines) and skip the folds it already holds, so "
+                             "an interrupted run resumes; the table covers every fold in it")
+    parser.add_argument("--combine", type=Path, nargs="+", default=None, metavar="LOG",
+                        help="print the table of these fold logs or --json files, run nothing")
     args = parser.parse_args(argv)
     try:
         models, skipped = split_models(None if args.models is None else [m.strip() for m in args.models.split(",")])
@@ -187,17 +216,21 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
 
+    if args.combine:
+        print(table(combined(args.combine), skipped if args.models is None else []))
+        return 0
+
     import torch
 
     started = time.perf_counter()
-    jobs = jobs_for(models, datasets, args.repeats, args.folds, args.epochs)
-    if args.workers > 1:
-        with mp.get_context("spawn").Pool(args.workers) as pool:
-            results = list(pool.imap_unordered(run_fold, jobs))
-    else:
-        results = [run_fold(job) for job in jobs]
+    done = read_fold_log(args.fold_log)
+    finished = {_key(row) for row in done}
+    jobs = [job for job in jobs_for(models, datasets, args.repeats, args.folds, args.epochs, args.first_repeat)
+            if _key(job) not in finished]
+    results = done + list(run_jobs(jobs, args.workers, args.fold_log))
     wall = time.perf_counter() - started
-    rows = [summarise(results, model, dataset) for model in models for dataset in datasets]
+    ran = {(r["model"], r["dataset"]) for r in results}
+    rows = [summarise(results, model, dataset) for model in models for dataset in datasets if (model, dataset) in ran]
     text = table(rows, skipped)
     print(f"{args.repeats} x {args.folds}-fold CV, {args.epochs} epochs; torch {torch.__version__}; "
           f"{platform.processor() or platform.machine()}; {args.workers} worker(s); wall {wall:.0f} s")
@@ -205,6 +238,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.write_text(json.dumps({"results": results, "rows": rows, "table": text}, indent=1))
     return 0
+
+
+def run_jobs(jobs: list[dict], workers: int, fold_log: Path | None):
+    """Each finished fold, in the order they finish; appended to `fold_log` as soon as it is done."""
+    def logged(result: dict) -> dict:
+        if fold_log is not None:
+            with open(fold_log, "a") as handle:
+                handle.write(json.dumps(result) + "\n")
+        return result
+
+    if workers > 1:
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for result in pool.imap_unordered(run_fold, jobs):
+                yield logged(result)
+    else:
+        for job in jobs:
+            yield logged(run_fold(job))
+
+
+def combined(paths: list[Path]) -> list[dict]:
+    """Table rows of several runs' folds (fold logs or --json files); a fold present twice counts once."""
+    results: dict[tuple, dict] = {}
+    for path in paths:
+        rows = json.loads(path.read_text())["results"] if path.suffix == ".json" else read_fold_log(path)
+        results.update({_key(row): row for row in rows})
+    pairs = sorted({(r["model"], r["dataset"]) for r in results.values()})
+    return [summarise(list(results.values()), model, dataset) for model, dataset in pairs]
 
 
 if __name__ == "__main__":
