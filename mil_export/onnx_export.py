@@ -474,7 +474,8 @@ def encoder_reference(encoder_onnx: str | os.PathLike, in_dim: int) -> tuple[Enc
             f"encoder {metadata.model_name} ({encoder_onnx}) gives {metadata.feature_dim}-d features but the "
             f"model takes {in_dim}-d; pass the encoder the model was trained on"
         )
-    reference = EncoderRef(name=metadata.model_name, output_dim=metadata.feature_dim, sha256=sha256_file(encoder_onnx))
+    reference = EncoderRef(name=metadata.model_name, output_dim=metadata.feature_dim, sha256=sha256_file(encoder_onnx),
+                           weights_sha256=(metadata.provenance or {}).get("weights_sha256"))
     return reference, metadata.tiling
 
 

@@ -149,6 +149,12 @@ def check_recorded_encoder(feature_file: FeatureFile, runner: MILRunner) -> None
             f"{feature_file.path}: encoder {expected.name!r} of the features is not the same file (sha256) the "
             f"model was trained with; {fix}"
         )
+    made_by, trained_on = feature_file.encoder_weights_sha256, expected.weights_sha256
+    if made_by and trained_on and made_by != trained_on:
+        raise ContractMismatchError(
+            f"{feature_file.path}: encoder {expected.name!r} of the features was exported from other weights "
+            f"(sha256 {made_by[:12]}...) than the model was trained on ({trained_on[:12]}...); {fix}"
+        )
 
 
 def infer_features(path: Path, runner: MILRunner, settings: Settings) -> Outcome:

@@ -125,6 +125,19 @@ class EncoderRef:
     name: str
     output_dim: int
     sha256: str | None = None
+    # sha256 of the weights file the encoder was exported from (its provenance): the same weights exported
+    # again (another precision, fused or not) keep it, other weights under the same name do not
+    weights_sha256: str | None = None
+
+
+def _encoder_props(encoder: EncoderRef | None) -> dict | None:
+    """The encoder entry as stored; weights_sha256 only when known, so files without it read as before."""
+    if encoder is None:
+        return None
+    props = asdict(encoder)
+    if props["weights_sha256"] is None:
+        del props["weights_sha256"]
+    return props
 
 
 @dataclass
@@ -198,7 +211,7 @@ class ModelMetadata:
             "inputs": json.dumps(list(self.inputs)),
             "outputs": json.dumps(list(self.outputs)),
             "graph": json.dumps(self.graph),
-            "encoder": json.dumps(asdict(self.encoder) if self.encoder else None),
+            "encoder": json.dumps(_encoder_props(self.encoder)),
             "tiling": json.dumps(asdict(self.tiling) if self.tiling else None),
             "version": self.version,
             "provenance": json.dumps(self.provenance),
@@ -277,10 +290,12 @@ class ModelMetadata:
         graph = get("graph")
         expect(graph is None or isinstance(graph, dict), "graph", "a JSON object or null")
         expect(encoder is None or (isinstance(encoder, dict) and {"name", "output_dim"} <= set(encoder)
-                                   and set(encoder) <= {"name", "output_dim", "sha256"}
+                                   and set(encoder) <= {"name", "output_dim", "sha256", "weights_sha256"}
                                    and isinstance(encoder["name"], str) and whole(encoder["output_dim"])
-                                   and (encoder.get("sha256") is None or isinstance(encoder["sha256"], str))),
-               "encoder", 'null or a JSON object {"name": text, "output_dim": integer, "sha256": text or null}')
+                                   and all(encoder.get(k) is None or isinstance(encoder[k], str)
+                                           for k in ("sha256", "weights_sha256"))),
+               "encoder", 'null or a JSON object {"name": text, "output_dim": integer, "sha256": text or null, '
+                          '"weights_sha256": text or null}')
         expect(tiling is None or (isinstance(tiling, dict) and {"tile_px", "mpp"} <= set(tiling)
                                   and set(tiling) <= {"tile_px", "mpp", "overlap"} and whole(tiling["tile_px"])
                                   and number(tiling["mpp"]) and number(tiling.get("overlap", 0.0))),

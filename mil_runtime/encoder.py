@@ -87,10 +87,17 @@ def load_encoder(path: str | os.PathLike, device: str = "auto", threads: int | N
     return TileEncoderRunner(session)
 
 
-def check_encoder_matches(mil_metadata: ModelMetadata, encoder: TileEncoderRunner) -> None:
-    """Refuse an encoder the MIL model was not trained on (ContractMismatchError): name, dim, sha256.
+def weights_sha256(encoder) -> str | None:
+    """sha256 of the weights file an encoder was exported from (its provenance); None for random init."""
+    metadata = getattr(encoder, "metadata", None)
+    return (getattr(metadata, "provenance", None) or {}).get("weights_sha256")
 
-    The feature dimension is always checked; name and sha256 only where the model records them.
+
+def check_encoder_matches(mil_metadata: ModelMetadata, encoder: TileEncoderRunner) -> None:
+    """Refuse an encoder the MIL model was not trained on (ContractMismatchError): name, dim, weights, sha256.
+
+    The feature dimension is always checked; name, the weights' sha256 and the file's sha256 only where the
+    model records them.
     """
     where = f"encoder {encoder.path}"
     fix = "pass --encoder with the encoder file the model was trained on"
@@ -103,6 +110,13 @@ def check_encoder_matches(mil_metadata: ModelMetadata, encoder: TileEncoderRunne
             raise ContractMismatchError(
                 f"the model expects {dim}-d features but {where} gives {encoder.output_dim}-d; {fix}"
             )
+    weights = weights_sha256(encoder)
+    if ref is not None and ref.weights_sha256 and weights != ref.weights_sha256:
+        found = f"weights {weights[:12]}..." if weights else "no recorded weights (random init?)"
+        raise ContractMismatchError(
+            f"{where} is {ref.name!r} exported from other weights than the model was trained on ({found} vs "
+            f"recorded {ref.weights_sha256[:12]}...); {fix}"
+        )
     if ref is not None and ref.sha256 and ref.sha256 != encoder.sha256:
         raise ContractMismatchError(
             f"{where} is {ref.name!r} but not the same file the model was trained with (sha256 "

@@ -47,6 +47,7 @@ class FeatureFile:
     encoder: str | None = None
     encoder_sha256: str | None = None
     path: Path | None = None
+    encoder_weights_sha256: str | None = None  # the weights the encoder was exported from
     stride_level0: int | None = None  # grid stride in level-0 pixels; None: the tile side
 
     @property
@@ -221,6 +222,7 @@ def read_feature_file(path: str | os.PathLike) -> FeatureFile:
         encoder=root.get("encoder") or None,
         encoder_sha256=root.get("encoder_sha256") or None,
         path=path,
+        encoder_weights_sha256=root.get("encoder_weights_sha256") or None,
     )
 
 
@@ -236,6 +238,7 @@ def write_feature_file(
     encoder: str | None = None,
     encoder_sha256: str | None = None,
     stride_level0: int | None = None,
+    encoder_weights_sha256: str | None = None,
 ) -> Path:
     """Write features (N, D) and level-0 (x, y) coords (N, 2) in the CLAM/TRIDENT layout, atomically.
 
@@ -261,4 +264,6 @@ def write_feature_file(
                 h5.attrs["encoder"] = encoder
             if encoder_sha256:
                 h5.attrs["encoder_sha256"] = encoder_sha256
+            if encoder_weights_sha256:
+                h5.attrs["encoder_weights_sha256"] = encoder_weights_sha256
     return path

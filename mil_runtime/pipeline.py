@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from mil_runtime.atomic import ensure_writable_dir
 from mil_runtime.domain import check_domain
-from mil_runtime.encoder import check_encoder_matches
+from mil_runtime.encoder import check_encoder_matches, weights_sha256
 from mil_runtime.errors import ContractMismatchError, InvalidInputError, MilkitError, NoTissueError
 from mil_runtime.features_io import read_feature_file
 from mil_runtime.outputs.record import RECORD_FIELD
@@ -369,6 +369,7 @@ def run_slide(
             "stride_level0": plan.stride_level0, "mpp": mpp_value,
             "patch_size": plan.read_px, "patch_level": plan.level, "encoder": encoder.name,
             "encoder_sha256": encoder.sha256,
+            "encoder_weights_sha256": weights_sha256(encoder),
         }
         all_paths = output_paths(out_dir, slide_path.stem, list(result.attention_by_class or {}))
         result.outputs = {kind: all_paths[kind] for kind in chosen_kinds(chosen, all_paths)

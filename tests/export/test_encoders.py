@@ -380,3 +380,24 @@ def test_cli_errors_are_one_line_with_exit_codes(tmp_path):
     result = CliRunner().invoke(_cli(), ["encoder", "resnet51", "-o", str(tmp_path / "y.onnx")])
     assert result.exit_code == MilkitError.exit_code and "unknown encoder" in result.output
     assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "y.onnx").exists()
+
+
+def test_weights_sha256_travels_from_encoder_to_model_and_is_checked(tmp_path):
+    """mil-export model --encoder records the encoder's weights sha256; an encoder from other weights is refused."""
+    trained = TinyCNN()
+    weights = tmp_path / "tiny.pth"
+    torch.save(trained.state_dict(), weights)
+    encoder, info = build_encoder("tiny_cnn", weights)
+    path = export_encoder(encoder, tmp_path / "tiny_cnn.onnx", name="tiny_cnn", provenance=info)
+    from mil_export.onnx_export import encoder_reference
+
+    ref, _ = encoder_reference(path, 64)
+    assert ref.weights_sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
+    meta = _mil_metadata(64, ref)
+    assert ModelMetadata.from_props(meta.to_props()).encoder == ref  # survives the file's metadata
+    check_encoder_matches(meta, load_encoder(path))
+    other = _mil_metadata(64, EncoderRef("tiny_cnn", 64, None, weights_sha256="f" * 64))
+    with pytest.raises(ContractMismatchError, match="other weights"):
+        check_encoder_matches(other, load_encoder(path))
+    old = _mil_metadata(64, EncoderRef("tiny_cnn", 64, None))  # files without the key read as before
+    assert "weights_sha256" not in old.to_props()["milkit.encoder"]

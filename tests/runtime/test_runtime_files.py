@@ -60,11 +60,13 @@ def test_ensure_writable_dir(tmp_path):
 def test_feature_file_round_trip_and_grid(tmp_path):
     features = np.arange(12, dtype=np.float32).reshape(3, 4)
     coords = np.array([[0, 0], [512, 0], [256, 768]])  # (x, y) level-0 px, stride 256
-    path = write_feature_file(tmp_path / "f.h5", features, coords, 256, mpp=0.25, encoder="enc", encoder_sha256="00")
+    path = write_feature_file(tmp_path / "f.h5", features, coords, 256, mpp=0.25, encoder="enc", encoder_sha256="00",
+                              encoder_weights_sha256="11")
     read = read_feature_file(path)
     np.testing.assert_array_equal(read.features, features)
     np.testing.assert_array_equal(read.coords_px, coords)
     assert (read.tile_px_level0, read.mpp, read.encoder, read.encoder_sha256) == (256, 0.25, "enc", "00")
+    assert read.encoder_weights_sha256 == "11"
     np.testing.assert_array_equal(read.grid_coords(), [[0, 0], [0, 2], [3, 1]])  # (y, x)
     with h5py.File(path) as h5:  # the CLAM/TRIDENT attribute names
         assert dict(h5["coords"].attrs) == {"patch_size": 256, "patch_level": 0, "patch_size_level0": 256,
@@ -113,3 +115,24 @@ def test_feature_file_refusals(tmp_path):
                 h5[key] = value
         with pytest.raises(InvalidInputError, match=words):
             read_feature_file(tmp_path / name)
+
+
+def test_feature_file_from_other_encoder_weights_is_refused(tmp_path):
+    """A model that records its encoder's weights refuses features made by the same encoder name from other weights."""
+    from types import SimpleNamespace
+
+    from mil_runtime.cli import check_recorded_encoder
+    from mil_runtime.contract import EncoderRef
+    from mil_runtime.errors import ContractMismatchError
+
+    features, coords = np.zeros((2, 4), dtype=np.float32), np.array([[0, 0], [256, 0]])
+    runner = SimpleNamespace(metadata=SimpleNamespace(encoder=EncoderRef("uni_v1", 4, None, weights_sha256="aa" * 32)))
+    same = read_feature_file(write_feature_file(tmp_path / "same.h5", features, coords, 256, encoder="uni_v1",
+                                                encoder_weights_sha256="aa" * 32))
+    check_recorded_encoder(same, runner)
+    other = read_feature_file(write_feature_file(tmp_path / "other.h5", features, coords, 256, encoder="uni_v1",
+                                                 encoder_weights_sha256="bb" * 32))
+    with pytest.raises(ContractMismatchError, match="other weights"):
+        check_recorded_encoder(other, runner)
+    unrecorded = read_feature_file(write_feature_file(tmp_path / "plain.h5", features, coords, 256, encoder="uni_v1"))
+    check_recorded_encoder(unrecorded, runner)  # TRIDENT files record no weights: checked by name and dim only
