@@ -1,12 +1,14 @@
 """Tile encoders as exportable graphs: uint8 RGB tiles in, features out, preprocessing inside.
 
-`TileEncoder` wraps a backbone with the preprocessing a runtime must never have to know:
-uint8 NHWC -> float NCHW in [0, 1] -> bilinear resize to the network's input size -> (x - mean) / std.
+`TileEncoder` wraps a backbone with the preprocessing a runtime must never have to know (`Preprocessing`):
+uint8 NHWC -> PIL's uint8 resize of the short side + torchvision's center crop (mil_export/pil_resample.py)
+-> float NCHW in [0, 1] -> (x - mean) / std, i.e. torchvision's Resize + CenterCrop + ToTensor + Normalize on a
+PIL image, which is what the published encoders were trained and evaluated with. Tiles already at the input
+size pass through unchanged.
 
-Resize choice: bilinear, align_corners=False, antialias=True. With antialias the ONNX graph gets
-`Resize(mode=linear, antialias=1)`, which onnxruntime matches (tested), and downscaling a large tile
-averages over the source pixels the way PIL and torchvision's default Resize do at training time. When
-tiles already have the input size the resize is an exact identity, so nothing is lost in the usual case.
+Change from the first format (bilinear F.interpolate in float, antialiased, to a square): the resize now
+rounds to uint8 after each pass as PIL does, and a non-square tile keeps its aspect ratio and is
+center-cropped, as torchvision's Resize(int) + CenterCrop do. Square tiles at the input size are unaffected.
 
 Registry (`build_encoder`):
   resnet50_trunc   torchvision ResNet-50 up to layer3 + global average pool: 1024-d at 224 px, ImageNet
@@ -20,16 +22,17 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mil_runtime._version import __version__
 from mil_runtime.contract import BATCH_AXIS, ENCODER_OUTPUT, TILES, ModelMetadata
 from mil_runtime.encoder import sha256_file
+from mil_export.pil_resample import INTERPOLATIONS, resize_crop
 from mil_export.weights import load_weights
 from mil_runtime.errors import MilkitError, OutputError
 
@@ -38,45 +41,102 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_INIT_SEED = 0
 HEIGHT_AXIS = "height"
 WIDTH_AXIS = "width"
-OPSET = 18  # first opset with Resize(antialias)
+OPSET = 18
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a tile becomes the network's input: torchvision's Resize + CenterCrop on a PIL image, then Normalize.
+
+    The tile's short side is resized to `resize_px` (None: `input_px`) as `Resize(resize_px, interpolation)`
+    does on a PIL image (PIL's uint8 two-pass resampling, see mil_export/pil_resample.py), then
+    `CenterCrop(input_px)` cuts the network's square input, then ToTensor + Normalize(mean, std).
+    """
+
+    input_px: int
+    resize_px: int | None = None
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        if self.input_px < 1 or self.resized_px < self.input_px:
+            raise ValueError(
+                f"resize_px ({self.resize_px}) must be at least input_px ({self.input_px}): CenterCrop would pad"
+            )
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean and std need three channels and std > 0, got {self.mean} / {self.std}")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+    @property
+    def resized_px(self) -> int:
+        return self.input_px if self.resize_px is None else int(self.resize_px)
+
+    def to_config(self) -> dict[str, Any]:
+        """The metadata's description (model_config): what a reader needs to redo the preprocessing."""
+        return {
+            "input_px": self.input_px,
+            "resize_px": self.resized_px,
+            "crop_px": self.input_px,
+            "interpolation": self.interpolation,
+            "mean": [round(v, 6) for v in self.mean],
+            "std": [round(v, 6) for v in self.std],
+            "resize": self.interpolation,  # kept from the first format: the filter's name
+            "align_corners": False,
+            "antialias": True,
+            "rounding": "uint8 after each pass (PIL)",
+        }
 
 
 class TileEncoder(nn.Module):
-    """uint8 (batch, H, W, 3) RGB tiles -> float32 (batch, output_dim) features, preprocessing included."""
+    """uint8 (batch, H, W, 3) RGB tiles -> float32 (batch, output_dim) features, preprocessing included.
+
+    Without `preprocessing`, tiles are resized (short side) and center-cropped to `input_px` with PIL's
+    bilinear filter and normalised by `mean`/`std` (ImageNet's by default). With it, `input_px` must agree
+    and `mean`/`std` must be left out or agree.
+    """
 
     def __init__(
         self,
         backbone: nn.Module,
         output_dim: int,
         input_px: int,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        *,
+        preprocessing: Preprocessing | None = None,
     ) -> None:
         super().__init__()
+        if preprocessing is None:
+            preprocessing = Preprocessing(int(input_px), mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD)
+        _check_agrees(preprocessing, int(input_px), mean, std)
         self.backbone = backbone
         self.output_dim = int(output_dim)
-        self.input_px = int(input_px)
+        self.input_px = preprocessing.input_px
+        self.preprocessing = preprocessing
+        self.network_dtype = torch.float32  # export_encoder(precision="fp16") runs the backbone in float16
         # not persistent: the state_dict holds backbone weights only, mean/std travel in metadata
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(preprocessing.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(preprocessing.std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
-        x = tiles.permute(0, 3, 1, 2).to(torch.float32) / 255.0  # (batch, 3, H, W)
-        size = (self.input_px, self.input_px)
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)  # (batch, 3, px, px)
-        x = (x - self.mean) / self.std
-        return self.backbone(x).flatten(1)  # (batch, output_dim)
+        prep = self.preprocessing
+        x = resize_crop(tiles, prep.resized_px, prep.input_px, prep.interpolation)  # (batch, 3, px, px) 0..255
+        x = x.to(torch.float32) / 255.0  # ToTensor
+        x = (x - self.mean) / self.std  # Normalize, in float32 whatever the network runs in
+        features = self.backbone(x.to(self.network_dtype))  # (batch, output_dim, ...)
+        return features.flatten(1).to(torch.float32)  # (batch, output_dim)
 
-    @property
-    def preprocessing(self) -> dict[str, Any]:
-        return {
-            "input_px": self.input_px,
-            "mean": [round(v, 6) for v in self.mean.flatten().tolist()],
-            "std": [round(v, 6) for v in self.std.flatten().tolist()],
-            "resize": "bilinear",
-            "align_corners": False,
-            "antialias": True,
-        }
+
+def _check_agrees(prep: Preprocessing, input_px: int, mean: Any, std: Any) -> None:
+    if input_px != prep.input_px:
+        raise ValueError(f"input_px {input_px} disagrees with preprocessing.input_px {prep.input_px}")
+    for label, given, kept in (("mean", mean, prep.mean), ("std", std, prep.std)):
+        if given is not None and tuple(float(v) for v in given) != kept:
+            raise ValueError(f"{label} {tuple(given)} disagrees with preprocessing.{label} {kept}")
 
 
 class ResNetTrunk(nn.Module):
@@ -228,7 +288,7 @@ def export_encoder(
     if not path.parent.is_dir():
         raise OutputError(f"output folder {path.parent} does not exist; create it first")
     proto = _to_onnx(encoder.eval(), tile_px)
-    config = {**encoder.preprocessing, "tile_px": tile_px}
+    config = {**encoder.preprocessing.to_config(), "tile_px": tile_px}
     metadata = ModelMetadata(
         kind="encoder",
         model_name=name,
