@@ -10,8 +10,9 @@ OpenSlide at the entry's tile size (its paper's tile px where the registry state
   eager  the backbone (timm / transformers model + the entry's token selection, i.e. `TileEncoder.backbone`)
          under torch.inference_mode on tensors preprocessed once beforehand, so the eager figure leaves out
          resizing and normalisation (TRIDENT does those in DataLoader workers) while the ONNX figure includes
-         them: the comparison favours eager. On CUDA: fp16 weights and inputs; timm's attention then runs
-         F.scaled_dot_product_attention (its `fused_attn`, reported per row), transformers' the "sdpa" kernel.
+         them: the comparison favours eager. On CUDA: fp16 weights and inputs; timm's attention runs
+         F.scaled_dot_product_attention (its `fused_attn`), transformers' the "sdpa" implementation, on CPU and
+         CUDA alike (`use_sdpa`: torch's fastest attention, not the plain attention the export traces).
   ort    milkit's exported graph (`export_encoder`, defaults as `mil-export encoder` writes it) through
          `mil_runtime.load_encoder(path, device, threads).encode(uint8 tiles)`: preprocessing in the graph.
          CPU: fp32 timed (fp16 run for its features, and timed as well); CUDA: fp16 on the CUDA provider
@@ -123,7 +124,7 @@ def entry_tile_px(name: str, input_px: int) -> int:
         spec = foundation.FOUNDATION.get(name)
     except ImportError:
         spec = None
-    px = getattr(spec, "tile_px", None) if spec is not None else None
+    px = getattr(spec, "paper_tile_px", None) or getattr(spec, "tile_px", None) if spec is not None else None
     return int(px) if px else int(input_px)
 
 
@@ -184,6 +185,19 @@ def flops_per_tile(backbone, one_tile) -> int:
     with torch.inference_mode(), counter:
         backbone(one_tile)
     return int(counter.get_total_flops())
+
+
+def use_sdpa(backbone) -> None:
+    """Eager attention through F.scaled_dot_product_attention: timm's fused_attn, transformers' "sdpa".
+
+    The registry builds transformers models with plain matmul-softmax attention (it exports as such); the
+    eager baseline gets torch's fastest attention instead, so the comparison does not favour the graph.
+    """
+    for module in backbone.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = True
+        if hasattr(module, "set_attn_implementation") and hasattr(module, "config"):
+            module.set_attn_implementation("sdpa")
 
 
 def attention_kernels(backbone) -> str:
@@ -254,6 +268,7 @@ def phase_eager(spec: dict) -> dict:
     tiles = np.load(spec["tiles"])  # (n, px, px, 3)
     inputs = backbone_inputs(encoder, tiles)  # (n, 3, px, px)
     model = encoder.backbone.eval()
+    use_sdpa(model)
     sync = lambda: None  # noqa: E731
     if spec["device"] == "cuda":
         dtype = torch.float16 if spec["precision"] == "fp16" else torch.float32
@@ -297,7 +312,9 @@ PHASES = {"export": phase_export, "eager": phase_eager, "ort": phase_ort}
 
 def worker(spec_json: str) -> int:
     spec = json.loads(spec_json)
+    load_before = os.getloadavg()[0]  # the machine is shared: say how busy it was around each phase
     result = PHASES[spec["phase"]](spec)
+    result["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     print("RESULT " + json.dumps(result), flush=True)
     return 0
 
