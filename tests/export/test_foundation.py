@@ -26,7 +26,9 @@ from mil_runtime.errors import ModelFormatError
 
 SLIDE = Path(__file__).resolve().parents[1] / "data" / "CMU-1-Small-Region.svs"
 REL_L2 = 1e-4
-TEST_DEPTH = 2  # two blocks: block indices beyond 0 are exercised by the key layout
+# blocks per entry in the slow parity tests: two where a second block is cheap (indices beyond 0 in the
+# key layout and Phikon's renames), one for the ViT-H/g widths (each of their blocks is 30-50 M parameters)
+TEST_DEPTH = {"uni_v1": 2, "phikon": 2, "uni_v2": 1, "virchow2": 1, "gigapath": 1, "hoptimus0": 1}
 PARITY_TILES = 4
 
 # published facts, from the issue / model cards: feature dim, and tokens at 224 px (class + registers + patches)
@@ -109,7 +111,7 @@ def _trident_forward(name, model, x):
     return out
 
 
-def _trident_features(name, weights, images, depth=TEST_DEPTH):
+def _trident_features(name, weights, images, depth):
     model = _trident_model(name, depth)
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
     batch = torch.stack([_trident_transform(name)(image) for image in images])  # (batch, 3, 224, 224)
@@ -265,10 +267,10 @@ def exported(request, tmp_path_factory):
 
     name = request.param
     folder = tmp_path_factory.mktemp(name)
-    trained = _trained_state(_build(name, depth=TEST_DEPTH).backbone.trunk)
+    trained = _trained_state(_build(name, depth=TEST_DEPTH[name]).backbone.trunk)
     save_file(trained, str(folder / "model.safetensors"))
     torch.save(trained, folder / "pytorch_model.bin")
-    encoder = _build(name, folder / "model.safetensors", depth=TEST_DEPTH)
+    encoder = _build(name, folder / "model.safetensors", depth=TEST_DEPTH[name])
     path = export_encoder(encoder, folder / f"{name}.onnx", name=name)
     return name, folder / "pytorch_model.bin", path, encoder
 
@@ -280,26 +282,32 @@ def test_graph_equals_reference_and_trident_style_on_real_tiles(exported):
     assert images[0].size == (FOUNDATION[name].paper_tile_px,) * 2
     graph = graph_features(path, images)  # (tiles, D) onnxruntime on uint8 tiles
     reference = reference_features(name, encoder, images)  # torchvision on PIL + eager fp32
-    trident = _trident_features(name, weights, images)  # built from the published kwargs, weights from .bin
+    # the model rebuilt from the published kwargs, the weights from the .bin: this also shows that the graph
+    # holds the file's weights (the seeded init differs from them by 1% noise on every tensor)
+    trident = _trident_features(name, weights, images, TEST_DEPTH[name])
+    errors = {"graph-reference": _rel_l2(graph, reference).max(), "graph-trident": _rel_l2(graph, trident).max(),
+              "reference-trident": _rel_l2(reference, trident).max()}
+    print(f"\n{name} depth {TEST_DEPTH[name]} tiles {images[0].size[0]} px: "
+          + ", ".join(f"{key} {value:.2e}" for key, value in errors.items()))
     assert graph.shape == (PARITY_TILES, PUBLISHED[name]["dim"])
-    assert _rel_l2(graph, reference).max() <= REL_L2
-    assert _rel_l2(graph, trident).max() <= REL_L2
-    assert _rel_l2(reference, trident).max() <= 1e-5  # same eager model, same transforms
-    seeded = reference_features(name, _build(name, depth=TEST_DEPTH), images)
-    assert _rel_l2(seeded, reference).min() > 1e-3  # the loaded weights were really used
+    assert errors["graph-reference"] <= REL_L2 and errors["graph-trident"] <= REL_L2
+    assert errors["reference-trident"] <= 1e-5  # same eager model, same transforms
 
 
 @pytest.mark.slow
 def test_check_encoder_passes_and_catches_other_weights(exported, tmp_path):
     name, weights, path, _ = exported
     if name not in ("uni_v1", "virchow2"):
-        pytest.skip("one ClassToken and one class+patch-mean entry are enough for --check")
-    report = check_encoder(name, weights, path, SLIDE, max_tiles=3, depth=TEST_DEPTH)
+        pytest.skip("one ClassToken and one class+patch-mean entry (bilinear, bicubic) are enough for --check")
+    report = check_encoder(name, weights, path, SLIDE, max_tiles=3, depth=TEST_DEPTH[name])
     assert report.passed and len(report.errors) == 3, report.summary()
     assert "passed" in report.summary()
     tiles = tmp_path / "tiles"
     tiles.mkdir()
-    for i, image in enumerate(slide_tiles(SLIDE, 224, 2)[1]):
+    for i, image in enumerate(slide_tiles(SLIDE, 300, 2)[1]):  # a size that needs a real resize to 224
         image.save(tiles / f"t{i}.png")
-    other = check_encoder(name, None, path, tiles, depth=TEST_DEPTH)  # the seeded init, not the exported weights
-    assert not other.passed and "FAILED" in other.summary() and len(other.errors) == 2
+    resized = check_encoder(name, weights, path, tiles, depth=TEST_DEPTH[name])
+    assert resized.passed and len(resized.errors) == 2, resized.summary()
+    other = check_encoder(name, None, path, tiles, depth=TEST_DEPTH[name])  # the seeded init, not the file's
+    assert not other.passed and "FAILED" in other.summary()
+    print(f"\n{report.summary()}\n{resized.summary()}\n{other.summary()}")
