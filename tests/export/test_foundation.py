@@ -270,8 +270,10 @@ def exported(request, tmp_path_factory):
     trained = _trained_state(_build(name, depth=TEST_DEPTH[name]).backbone.trunk)
     save_file(trained, str(folder / "model.safetensors"))
     torch.save(trained, folder / "pytorch_model.bin")
-    encoder = _build(name, folder / "model.safetensors", depth=TEST_DEPTH[name])
-    path = export_encoder(encoder, folder / f"{name}.onnx", name=name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # weights given: no random-init warning may come
+        encoder, info = build_encoder(name, folder / "model.safetensors", depth=TEST_DEPTH[name])
+    path = export_encoder(encoder, folder / f"{name}.onnx", name=name, provenance=info)
     return name, folder / "pytorch_model.bin", path, encoder
 
 
@@ -292,6 +294,39 @@ def test_graph_equals_reference_and_trident_style_on_real_tiles(exported):
     assert graph.shape == (PARITY_TILES, PUBLISHED[name]["dim"])
     assert errors["graph-reference"] <= REL_L2 and errors["graph-trident"] <= REL_L2
     assert errors["reference-trident"] <= 1e-5  # same eager model, same transforms
+
+
+@pytest.mark.slow
+def test_graph_records_the_registry_name_and_the_weights_sha256(exported):
+    import hashlib
+
+    import onnx
+
+    from mil_runtime.contract import ModelMetadata
+
+    name, _, path, _ = exported
+    proto = onnx.load(str(path), load_external_data=False)
+    meta = ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props}, source=str(path))
+    safetensors_file = path.parent / "model.safetensors"
+    assert meta.model_name == name and meta.feature_dim == PUBLISHED[name]["dim"]
+    assert meta.provenance["weights_sha256"] == hashlib.sha256(safetensors_file.read_bytes()).hexdigest()
+    assert meta.provenance["random_init"] is False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_other_input_px_matches_the_reference(name):
+    """--input-px: position embeddings interpolated (timm dynamic_img_size, transformers
+    interpolate_pos_encoding), the tile resized to it without a crop, as TRIDENT's target_img_size."""
+    spec = FOUNDATION[name]
+    px = spec.patch_px * 20  # 280 or 320 px: another token grid than the native 224's
+    encoder = _build(name, depth=1, input_px=px)
+    _, images = slide_tiles(SLIDE, 300, 2)
+    with torch.no_grad():
+        milkit = encoder(torch.from_numpy(np.stack([np.asarray(image) for image in images]))).numpy()
+        tokens = encoder.backbone.tokens(torch.zeros(1, 3, px, px))  # (1, tokens, width)
+    assert tokens.shape[1] == spec.prefix_tokens + 20 * 20
+    assert _rel_l2(milkit, reference_features(name, encoder, images, input_px=px)).max() <= 1e-5
 
 
 @pytest.mark.slow
