@@ -17,7 +17,7 @@ OpenSlide at the entry's tile size (its paper's tile px where the registry state
          `mil_runtime.load_encoder(path, device, threads).encode(uint8 tiles)`: preprocessing in the graph.
          CPU: fp32 timed (fp16 run for its features, and timed as well); CUDA: fp16 on the CUDA provider
          timed against eager fp16 (fp32 alongside).
-Time: each side warms up on one batch, then --repeats passes over all tiles in batches of --batch; tiles/s is
+Time: each side warms up on one tile, then --repeats passes over all tiles in batches of --batch; tiles/s is
 tiles / the median pass. Same thread count for torch (set_num_threads) and onnxruntime (intra-op threads).
 Every phase (export fp32, export fp16, eager, ort) runs in its own worker process, killed past
 --memory-limit-gb of RSS (`guarded.run_guarded`), so full-size ViT-g entries run one at a time and a kill is
@@ -69,7 +69,7 @@ BACKGROUND_MEAN = 220  # a tile whose mean grey level is above this is glass, no
 TOPK = 10
 SEED = 0
 GEMM_SIDE = 2048
-PROBE_PX = 224  # the tile that counts FLOPs: the encoder resizes it to its input px first
+PHASE_ORDER = ("export", "eager", "ort")
 
 
 # -- arguments ------------------------------------------------------------------------------------
@@ -88,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense fp16 TFLOP/s "
                         f"(default {HOPPER_DENSE_FP16_TFLOPS:g} on an H100/H200)")
     parser.add_argument("--no-fp16", action="store_true", help="skip the fp16 graph (and its error)")
+    parser.add_argument("--phases", default=",".join(PHASE_ORDER), help="which of export,eager,ort to run "
+                        "(ort needs export; eager alone gives eager tiles/s and FLOPs where an export does not fit)")
     parser.add_argument("--memory-limit-gb", type=float, default=10.0, help="RSS limit of each worker")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per worker phase")
     parser.add_argument("--json", type=Path, default=None, help="write every measurement here")
@@ -97,6 +99,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.encoders = [n.strip() for n in args.encoders.split(",") if n.strip()] if args.encoders else None
     args.threads = args.threads or usable_cores()
+    args.phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    unknown = set(args.phases) - set(PHASE_ORDER)
+    if unknown:
+        parser.error(f"unknown phases {sorted(unknown)}; choose from {','.join(PHASE_ORDER)}")
     return args
 
 
@@ -116,16 +122,17 @@ def default_encoders() -> list[str]:
 # -- tiles ----------------------------------------------------------------------------------------
 
 
-def entry_tile_px(name: str, input_px: int) -> int:
-    """The tile px the entry's paper used where the registry states it, else the network's input px."""
-    try:
-        from mil_export import foundation
+def entry_tile_px(name: str) -> int:
+    """The tile px of the entry's paper (registry), a timm model's default input px, else 224."""
+    if name.startswith("timm:"):
+        import timm
 
-        spec = foundation.FOUNDATION.get(name)
-    except ImportError:
-        spec = None
-    px = getattr(spec, "paper_tile_px", None) or getattr(spec, "tile_px", None) if spec is not None else None
-    return int(px) if px else int(input_px)
+        return int(timm.get_pretrained_cfg(name[len("timm:"):]).input_size[-1])
+    from mil_export.foundation import FOUNDATION
+
+    spec = FOUNDATION.get(name)
+    px = getattr(spec, "paper_tile_px", None) or getattr(spec, "input_px", None)
+    return int(px) if px else 224
 
 
 def slide_tiles(tile_px: int, count: int) -> np.ndarray:
@@ -211,8 +218,11 @@ def attention_kernels(backbone) -> str:
 
 
 def timed_passes(call: Callable[[Any], Any], batches: list, repeats: int, sync: Callable[[], None]):
-    """(outputs of the last pass, median seconds per pass): one warm-up batch, then `repeats` passes."""
-    call(batches[0])
+    """(outputs of the last pass, median seconds per pass): a one-tile warm-up, then `repeats` passes.
+
+    One tile, not a batch, warms up: a full-size ViT-g tile costs tens of seconds on a small CPU.
+    """
+    call(batches[0][:1])
     sync()
     seconds, outputs = [], []
     for _ in range(repeats):
@@ -238,16 +248,12 @@ def _set_torch_threads(threads: int) -> None:
 
 
 def phase_export(spec: dict) -> dict:
-    """Export the encoder at one precision into spec["path"]; fp32 also counts FLOPs and parameters."""
+    """Export the encoder at one precision into spec["path"]: time, size on disk, peak RSS."""
     from mil_export.encoders import export_encoder
 
     _set_torch_threads(spec["threads"])
     encoder = build(spec["name"], spec["depth"])
-    out: dict[str, Any] = {"output_dim": encoder.output_dim, "input_px": encoder.input_px}
-    if spec["precision"] == "fp32":
-        tiles = np.load(spec["tiles"])[:1]  # (1, px, px, 3)
-        out["flops_per_tile"] = flops_per_tile(encoder.backbone, backbone_inputs(encoder, tiles))
-        out["params"] = sum(p.numel() for p in encoder.backbone.parameters())
+    out: dict[str, Any] = {}
     kwargs = {"precision": spec["precision"]} if spec["precision"] != "fp32" else {}
     if kwargs and "precision" not in inspect.signature(export_encoder).parameters:
         raise NotImplementedError("export_encoder has no precision= yet")
@@ -260,7 +266,7 @@ def phase_export(spec: dict) -> dict:
 
 
 def phase_eager(spec: dict) -> dict:
-    """The eager backbone on preprocessed tiles: tiles/s, features saved for the fp32 check."""
+    """The eager backbone on preprocessed tiles: tiles/s, FLOPs per tile, features saved for the comparisons."""
     import torch
 
     _set_torch_threads(spec["threads"])
@@ -283,6 +289,8 @@ def phase_eager(spec: dict) -> dict:
     features = torch.cat(outputs).float().cpu().numpy()  # (n, D)
     np.save(spec["features"], features)
     return {"tiles_per_s": len(tiles) / seconds, "attention": attention_kernels(model),
+            "output_dim": encoder.output_dim, "input_px": encoder.input_px,
+            "params": sum(p.numel() for p in model.parameters()), "flops_per_tile": flops_per_tile(model, inputs[:1]),
             "peak_rss_gb": _peak_rss_gb(), **_gpu_memory(spec["device"])}
 
 
@@ -398,25 +406,22 @@ class Bench:
         return self.folder / precision / f"{self.name.replace(':', '_')}.onnx"
 
     def run(self) -> dict:
+        """Export (fp32, fp16), eager, ORT: a failed phase is recorded and the independent ones still run."""
         args = self.args
         precisions = ["fp32"] if args.no_fp16 else ["fp32", "fp16"]
-        probe = self.phase("export_fp32", phase="export", precision="fp32", path=str(self._prepare("fp32")),
-                           tiles=str(self._tiles(PROBE_PX, 1, "probe")))
-        if probe is None:
-            return self.row
-        tile_px = entry_tile_px(self.name, probe["input_px"])
+        tile_px = entry_tile_px(self.name)
         self.row.update(tile_px=tile_px, tiles=args.tiles)
-        tiles = self._tiles(tile_px, args.tiles, "tiles")
-        if "fp16" in precisions:
-            self.phase("export_fp16", phase="export", precision="fp16", path=str(self._prepare("fp16")),
-                       tiles=str(tiles))
-        eager_precisions = ["fp32"] if args.device == "cpu" else ["fp16", "fp32"]
-        for precision in eager_precisions:
-            self.phase(f"eager_{precision}", phase="eager", precision=precision, tiles=str(tiles),
+        tiles = str(self._tiles(tile_px, args.tiles))
+        for precision in precisions if "export" in args.phases else []:
+            self.phase(f"export_{precision}", phase="export", precision=precision, path=str(self._prepare(precision)))
+        for precision in ["fp32"] if args.device == "cpu" else ["fp16", "fp32"]:
+            if "eager" not in args.phases:
+                break
+            self.phase(f"eager_{precision}", phase="eager", precision=precision, tiles=tiles,
                        features=str(self.folder / f"eager_{precision}.npy"))
         for precision in precisions:
-            if f"export_{precision}" in self.row:
-                self.phase(f"ort_{precision}", phase="ort", path=str(self.graph(precision)), tiles=str(tiles),
+            if "ort" in args.phases and f"export_{precision}" in self.row:
+                self.phase(f"ort_{precision}", phase="ort", path=str(self.graph(precision)), tiles=tiles,
                            features=str(self.folder / f"ort_{precision}.npy"))
         self._compare()
         return self.row
@@ -426,9 +431,9 @@ class Bench:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    def _tiles(self, tile_px: int, count: int, stem: str) -> Path:
-        """`count` tiles of `tile_px` saved once for every worker to read."""
-        path = self.folder / f"{stem}_{tile_px}.npy"
+    def _tiles(self, tile_px: int, count: int) -> Path:
+        """`count` tiles of `tile_px`, saved once for every worker to read."""
+        path = self.folder / f"tiles_{tile_px}.npy"
         np.save(path, slide_tiles(tile_px, count))
         return path
 
@@ -482,11 +487,11 @@ def table(rows: list[dict], args: argparse.Namespace, peak: float | None, gemm: 
 
 
 def _cells(row: dict, fast: str, base: str, peak: float | None, gemm: float | None, device: str) -> list[str]:
-    export = row.get("export_fp32") or {}
+    model = next((row[k] for k in ("eager_fp32", "eager_fp16") if row.get(k)), {})  # dims and FLOPs
     eager = (row.get(f"eager_{base}") or {}).get("tiles_per_s")
     ort = (row.get(f"ort_{fast}") or {}).get("tiles_per_s")
     other = (row.get("ort_fp16" if device == "cpu" else "ort_fp32") or {}).get("tiles_per_s")
-    flops = export.get("flops_per_tile")
+    flops = model.get("flops_per_tile")
     achieved = flops * ort / 1e9 if flops and ort else None
     ceiling = peak * 1e3 if peak else gemm
     share = 100 * achieved / ceiling if achieved and ceiling else None
@@ -495,7 +500,7 @@ def _cells(row: dict, fast: str, base: str, peak: float | None, gemm: float | No
     overlap = f"{row['abmil_topk_overlap']:.2f} (k={row['topk']})" if "topk" in row else ""
     rss = [r.get("peak_rss_gb") for k, r in row.items() if isinstance(r, dict) and "peak_rss_gb" in r]
     name = row["encoder"] + (f" (depth {row['depth']})" if row.get("depth") else "")
-    return [name, str(export.get("output_dim", "")), _num(export.get("params") and export["params"] / 1e6, ".1f"),
+    return [name, str(model.get("output_dim", "")), _num(model.get("params") and model["params"] / 1e6, ".1f"),
             _num(flops and flops / 1e9, ".1f"), str(row.get("tile_px", "")), _num(eager, ".2f"), _num(ort, ".2f"),
             _num(ort / eager if ort and eager else None, ".2f") + ("x" if ort and eager else ""),
             _num(achieved, ".0f"), _num(share, ".0f"), _num(other, ".2f"),

@@ -33,9 +33,11 @@ def test_options_parse_into_lists_and_numbers(bench):
     defaults = bench.parse_args([])
     assert defaults.encoders is None and defaults.depth is None and defaults.device == "cpu"
     assert defaults.threads >= 1 and defaults.memory_limit_gb == 10.0
+    assert defaults.phases == ["export", "eager", "ort"]
+    assert bench.parse_args(["--phases", "eager"]).phases == ["eager"]
 
 
-@pytest.mark.parametrize("argv", [["--batch", "0"], ["--depth", "-1"], ["--device", "tpu"]])
+@pytest.mark.parametrize("argv", [["--batch", "0"], ["--depth", "-1"], ["--device", "tpu"], ["--phases", "eager,warp"]])
 def test_bad_options_are_refused(bench, argv):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
@@ -61,8 +63,8 @@ def test_topk_overlap_is_one_on_equal_features_and_drops_when_the_top_tiles_chan
 def test_table_row_from_hand_made_measurements(bench):
     args = bench.parse_args(["--device", "cuda"])
     row = {"encoder": "uni_v1", "depth": None, "tile_px": 224, "failed": {},
-           "export_fp32": {"output_dim": 1024, "params": 303_000_000, "flops_per_tile": 2e11},
-           "eager_fp16": {"tiles_per_s": 1000.0, "peak_rss_gb": 3.0},
+           "eager_fp16": {"tiles_per_s": 1000.0, "peak_rss_gb": 3.0, "output_dim": 1024, "params": 303_000_000,
+                          "flops_per_tile": 2e11},
            "ort_fp16": {"tiles_per_s": 1500.0, "peak_rss_gb": 4.0}}
     text = bench.table([row], args, peak=1000.0, gemm=None)
     header, _, body = text.splitlines()
@@ -84,7 +86,8 @@ def test_smoke_run_on_a_one_block_vit(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     row = json.loads(out.read_text())["rows"][0]
-    assert row["export_fp32"]["output_dim"] == 384 and row["tile_px"] == 224
+    assert row["eager_fp32"]["output_dim"] == 384 and row["tile_px"] == 224
+    assert row["eager_fp32"]["flops_per_tile"] > 0 and row["export_fp32"]["graph_mb"] > 0
     assert row["eager_fp32"]["tiles_per_s"] > 0 and row["ort_fp32"]["tiles_per_s"] > 0
     assert row["fp32_check_rel_l2"] < 1e-4  # the graph and the eager backbone compute the same features
     assert (tmp_path / "s.md").read_text().startswith("## Benchmark\n")
