@@ -20,11 +20,12 @@ Without weights every encoder gets a fixed-seed random init and a loud warning: 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -32,6 +33,8 @@ from torch import nn
 from mil_runtime._version import __version__
 from mil_runtime.contract import BATCH_AXIS, ENCODER_OUTPUT, TILES, ModelMetadata
 from mil_runtime.encoder import sha256_file
+from mil_export import vit_fusion
+from mil_export.onnx_files import EXTERNAL_DATA_BYTES, data_file_name, needs_external_data, save_graph
 from mil_export.pil_resample import INTERPOLATIONS, resize_crop
 from mil_export.weights import load_weights
 from mil_runtime.errors import MilkitError, OutputError
@@ -269,6 +272,9 @@ def build_encoder(
 # -- export --------------------------------------------------------------------------------------
 
 
+PRECISIONS = ("fp32", "fp16")
+
+
 def export_encoder(
     encoder: TileEncoder,
     path: str | os.PathLike,
@@ -276,19 +282,31 @@ def export_encoder(
     name: str,
     tile_px: int | None = None,
     provenance: dict[str, Any] | None = None,
+    precision: str = "fp32",
+    fuse: bool | None = None,
+    external_data_threshold: int = EXTERNAL_DATA_BYTES,
 ) -> Path:
     """Write `encoder` as a milkit encoder graph, atomically.
 
     `tiles` is uint8 [batch, height, width, 3] with all three axes symbolic, unless `tile_px` fixes
-    height = width = tile_px (recorded in the metadata's model config).
+    height = width = tile_px (recorded in the metadata's model config). `precision="fp16"` runs the
+    network in float16 (tiles in, preprocessing and features stay as in fp32). `fuse` applies
+    onnxruntime's attention / LayerNorm / GELU fusion (None: for timm ViT backbones). Graphs holding more
+    than `external_data_threshold` bytes of weights are written as NAME.onnx + NAME.onnx.data.
     """
-    import onnx
-
     path = Path(path)
     if not path.parent.is_dir():
         raise OutputError(f"output folder {path.parent} does not exist; create it first")
-    proto = _to_onnx(encoder.eval(), tile_px)
-    config = {**encoder.preprocessing.to_config(), "tile_px": tile_px}
+    if precision not in PRECISIONS:
+        raise MilkitError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    fusable = vit_fusion.is_fusable_vit(encoder.backbone)
+    if fuse and not fusable:
+        raise MilkitError(f"{name}: attention fusion needs a timm ViT backbone (blocks of timm's Attention)")
+    proto, fusion = _graph(encoder.eval(), tile_px, precision, fusable if fuse is None else fuse)
+    external = needs_external_data(proto, external_data_threshold)
+    config = {**encoder.preprocessing.to_config(), "tile_px": tile_px, "precision": precision, "fusion": fusion}
+    if external:
+        config["external_data"] = [data_file_name(path)]
     metadata = ModelMetadata(
         kind="encoder",
         model_name=name,
@@ -302,15 +320,48 @@ def export_encoder(
     metadata.validate(str(path))
     for key, value in metadata.to_props().items():
         _set_prop(proto, key, value)
-    onnx.checker.check_model(proto, full_check=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        onnx.save(proto, str(tmp))
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror}") from None
+    save_graph(proto, path, external=external)
     return path
+
+
+def _graph(encoder: TileEncoder, tile_px: int | None, precision: str, fuse: bool) -> tuple[Any, dict[str, Any]]:
+    """The ONNX graph at `precision`, fused or not, and the fusion record for the metadata."""
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    layout = vit_fusion.fusable_layout(encoder.backbone) if fuse else contextlib.nullcontext(0)
+    with _network_in(encoder, dtype), layout as swapped:
+        proto = _to_onnx(encoder, tile_px)
+    if not fuse:
+        return proto, {"applied": False}
+    fused, record = vit_fusion.fuse(proto, *vit_fusion.vit_shape(encoder.backbone))
+    changed = {op for op in set(record["ops_before"]) | set(record["ops_after"])
+               if record["ops_before"].get(op, 0) != record["ops_after"].get(op, 0)}
+    return fused, {
+        "applied": True,
+        "attention_blocks": swapped,
+        "fused": record["fusions"],
+        "ops_before": {op: record["ops_before"].get(op, 0) for op in sorted(changed)},
+        "ops_after": {op: record["ops_after"].get(op, 0) for op in sorted(changed)},
+    }
+
+
+@contextlib.contextmanager
+def _network_in(encoder: TileEncoder, dtype: torch.dtype) -> Iterator[None]:
+    """Run the backbone in `dtype` for the export; its float32 tensors are put back untouched afterwards."""
+    if dtype == torch.float32:
+        yield
+        return
+    tensors = [t for t in list(encoder.backbone.parameters()) + list(encoder.backbone.buffers())
+               if t.is_floating_point()]
+    originals = [t.data for t in tensors]
+    try:
+        for tensor, original in zip(tensors, originals):
+            tensor.data = original.to(dtype)
+        encoder.network_dtype = dtype
+        yield
+    finally:
+        for tensor, original in zip(tensors, originals):
+            tensor.data = original
+        encoder.network_dtype = torch.float32
 
 
 def _set_prop(proto: Any, key: str, value: str) -> None:

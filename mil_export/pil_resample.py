@@ -11,10 +11,14 @@ what TRIDENT and the model cards feed their encoders:
 Here each pass is one matrix product with a (crop_px, in) coefficient matrix built from the symbolic
 input size, evaluated for the cropped output rows only. Coefficients and sums are float64: the integer
 coefficients times uint8 pixels stay far below 2**53, so every sum is exact whatever order the matrix
-product adds in, and the result reproduces PIL's integer arithmetic. Measured against Pillow 13 on real
-tiles of CMU-1-Small-Region.svs and on random images (tests/export/test_encoder_graph.py): no pixel differs
-for 224->224, 256->224, 512->224 and 224->256 + crop 224, bilinear and bicubic (see docs/encoders.md,
-"Preprocessing").
+product adds in, and the result reproduces PIL's integer arithmetic.
+
+Measured against Pillow 13 through torchvision 0.29 (`Resize(r, interpolation)` + `CenterCrop(224)` on the
+PIL image), on 8 tiles of CMU-1-Small-Region.svs and 8 uniform-noise images per case (1,204,224 values each),
+bilinear and bicubic: 224->224, 256->224, 512->224 and 224->256 + crop 224 differ in 0 values; non-square
+tiles and the exported graph under onnxruntime likewise (tests/export/test_encoder_graph.py). The first
+format's float resize (F.interpolate, antialias, no rounding) differed after rounding in 7-21% of the values
+at 256->224 and 512->224 bilinear, by at most 1 grey level.
 
 Cost: dense products, crop_px * (H * W + crop_px * H) multiply-adds per channel (67 M per 224 px tile),
 well under 1% of a ViT-B's. When the sizes are plain ints (eager, or a fixed tile size) an identity pass

@@ -1,0 +1,149 @@
+"""Attention / LayerNorm / GELU fusion of exported ViT graphs with onnxruntime's transformer optimizer.
+
+Why a rewrite before export: onnxruntime's fusion (`onnxruntime.transformers.optimizer`, model_type "vit")
+matches the attention layout of BERT-style exports: three projections, each MatMul -> Add -> Reshape ->
+Transpose, scores = MatMul(q, k) / sqrt(head_dim) -> Softmax -> MatMul(v), then Transpose -> Reshape ->
+MatMul -> Add into the residual. timm's `Attention` exports differently under torch.export: one packed qkv
+projection split by Slice + Squeeze, and scaled_dot_product_attention decomposed with sqrt(scale) applied to
+both q and k through a Reshape/Transpose detour; with fused_attn off the Slice + Squeeze split remains. Neither
+matches, so nothing fuses but LayerNorm and GELU. A block scaled by LayerScale (UNI, Virchow2, H-optimus-0)
+also puts a Mul between the output projection and the residual Add, which breaks the match. And the matcher
+takes the first Add feeding the residual: in block 0 that is the position-embedding Add (x + pos_embed), so
+block 0 only fuses when the attention branch is the Add's first input.
+
+So, for the export only, each timm `Block` gets `FusableAttention`: the same weights (q, k, v as views of the
+packed qkv matrix; LayerScale folded into the output projection, which is exact in real arithmetic) in the
+layout above, and a forward that adds the attention branch before the residual. Both are undone afterwards;
+the eager model is never changed.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import math
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+
+MICROSOFT_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops (Attention, SkipLayerNormalization, BiasGelu)
+
+
+class FusableAttention(nn.Module):
+    """timm's multi-head self-attention (and its block's LayerScale) in the layout onnxruntime fuses."""
+
+    def __init__(self, attention: nn.Module, layer_scale: nn.Module | None) -> None:
+        super().__init__()
+        self.num_heads = int(attention.num_heads)
+        self.head_dim = int(attention.head_dim)
+        width = self.num_heads * self.head_dim
+        weight = attention.qkv.weight.detach()  # (3 * width, dim)
+        bias = attention.qkv.bias.detach() if attention.qkv.bias is not None else weight.new_zeros(3 * width)
+        # a zero bias still exports the Add the fusion pattern expects
+        self.q, self.k, self.v = (_linear(weight[i * width:(i + 1) * width], bias[i * width:(i + 1) * width])
+                                  for i in range(3))
+        gamma = getattr(layer_scale, "gamma", None)
+        proj_weight, proj_bias = attention.proj.weight.detach(), attention.proj.bias
+        proj_bias = proj_bias.detach() if proj_bias is not None else proj_weight.new_zeros(proj_weight.shape[0])
+        if gamma is not None:  # ls(proj(x)) = gamma * (W x + b) = (gamma W) x + gamma b
+            proj_weight, proj_bias = proj_weight * gamma.detach()[:, None], proj_bias * gamma.detach()
+        self.proj = _linear(proj_weight, proj_bias)
+
+    def forward(self, x: torch.Tensor, attn_mask: Any = None, is_causal: bool = False) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        split = (batch, tokens, self.num_heads, self.head_dim)
+        q = self.q(x).view(split).transpose(1, 2)  # (batch, heads, tokens, head_dim)
+        k = self.k(x).view(split).permute(0, 2, 3, 1)  # (batch, heads, head_dim, tokens)
+        v = self.v(x).view(split).transpose(1, 2)  # (batch, heads, tokens, head_dim)
+        scores = torch.matmul(q, k) / math.sqrt(self.head_dim)  # (batch, heads, tokens, tokens)
+        context = torch.matmul(scores.softmax(dim=-1), v)  # (batch, heads, tokens, head_dim)
+        context = context.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
+        return self.proj(context)  # (batch, tokens, dim)
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], device="meta")
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    layer.bias = nn.Parameter(bias, requires_grad=False)
+    return layer
+
+
+def _fusable_block_forward(block: nn.Module, x: torch.Tensor, attn_mask: Any = None, is_causal: bool = False):
+    """timm Block.forward in eval mode, attention branch first in the residual Add (LayerScale is folded)."""
+    x = block.attn(block.norm1(x)) + x  # (batch, tokens, dim)
+    return x + block.ls2(block.mlp(block.norm2(x)))  # (batch, tokens, dim)
+
+
+def _is_plain_timm_attention(module: nn.Module | None) -> bool:
+    """A timm Attention whose math FusableAttention reproduces: no qk norm, no gate, no output norm."""
+    try:
+        from timm.models.vision_transformer import Attention
+    except ImportError:
+        return False
+    if not isinstance(module, Attention) or not isinstance(module.qkv, nn.Linear):
+        return False
+    extras = [getattr(module, name, None) for name in ("q_norm", "k_norm", "norm")]
+    return getattr(module, "gate", None) is None and all(e is None or isinstance(e, nn.Identity) for e in extras)
+
+
+def attention_blocks(backbone: nn.Module) -> list[nn.Module]:
+    """timm `Block`s of `backbone` (the plain pre-norm block) whose attention FusableAttention reproduces."""
+    try:
+        from timm.models.vision_transformer import Block
+    except ImportError:
+        return []
+    return [m for m in backbone.modules() if type(m) is Block and _is_plain_timm_attention(m.attn)]
+
+
+def is_fusable_vit(backbone: nn.Module) -> bool:
+    return bool(attention_blocks(backbone))
+
+
+def vit_shape(backbone: nn.Module) -> tuple[int, int]:
+    """(num_heads, hidden_size) of the first swappable attention: what the optimizer needs."""
+    attention = attention_blocks(backbone)[0].attn
+    return int(attention.num_heads), int(attention.qkv.in_features)
+
+
+@contextlib.contextmanager
+def fusable_layout(backbone: nn.Module) -> Iterator[int]:
+    """Swap every plain timm attention (+ LayerScale) for FusableAttention; restore on exit. Yields the count."""
+    swapped: list[tuple[nn.Module, nn.Module, nn.Module]] = []
+    try:
+        for block in attention_blocks(backbone):
+            layer_scale = getattr(block, "ls1", None)
+            swapped.append((block, block.attn, layer_scale))
+            block.attn = FusableAttention(block.attn, layer_scale)
+            block.forward = functools.partial(_fusable_block_forward, block)  # instance attribute: undone below
+        yield len(swapped)
+    finally:
+        for block, attention, layer_scale in swapped:
+            block.attn = attention
+            del block.forward
+
+
+def op_counts(proto: Any) -> dict[str, int]:
+    return dict(sorted(collections.Counter(node.op_type for node in proto.graph.node).items()))
+
+
+def fuse(proto: Any, num_heads: int, hidden_size: int) -> tuple[Any, dict[str, Any]]:
+    """Run onnxruntime's ViT fusions on `proto`; (fused proto, record of op counts before/after and fusions)."""
+    from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    before = op_counts(proto)
+    options = FusionOptions("vit")
+    # opt_level 0: only the pattern fusions; onnxruntime's own graph optimizations run at session load,
+    # for whichever provider loads the file
+    optimized = optimizer.optimize_model(
+        proto, model_type="vit", num_heads=num_heads, hidden_size=hidden_size, optimization_options=options,
+        opt_level=0, use_gpu=False,
+    )
+    fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
+    model = optimized.model
+    if fused and not any(o.domain == MICROSOFT_DOMAIN for o in model.opset_import):
+        model.opset_import.add(domain=MICROSOFT_DOMAIN, version=1)  # the fused ops' domain, for onnx.checker
+    return model, {"fusions": fused, "ops_before": before, "ops_after": op_counts(model)}
