@@ -88,6 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense fp16 TFLOP/s "
                         f"(default {HOPPER_DENSE_FP16_TFLOPS:g} on an H100/H200)")
     parser.add_argument("--no-fp16", action="store_true", help="skip the fp16 graph (and its error)")
+    parser.add_argument("--no-fuse", action="store_true", help="export without attention fusion (fuse=False)")
     parser.add_argument("--phases", default=",".join(PHASE_ORDER), help="which of export,eager,ort to run "
                         "(ort needs export; eager alone gives eager tiles/s and FLOPs where an export does not fit)")
     parser.add_argument("--memory-limit-gb", type=float, default=10.0, help="RSS limit of each worker")
@@ -255,8 +256,11 @@ def phase_export(spec: dict) -> dict:
     encoder = build(spec["name"], spec["depth"])
     out: dict[str, Any] = {}
     kwargs = {"precision": spec["precision"]} if spec["precision"] != "fp32" else {}
-    if kwargs and "precision" not in inspect.signature(export_encoder).parameters:
-        raise NotImplementedError("export_encoder has no precision= yet")
+    if spec["no_fuse"]:
+        kwargs["fuse"] = False
+    missing = set(kwargs) - set(inspect.signature(export_encoder).parameters)
+    if missing:
+        raise NotImplementedError(f"export_encoder has no {', '.join(sorted(missing))}= yet")
     start = time.perf_counter()
     path = export_encoder(encoder, spec["path"], name=spec["name"], **kwargs)
     out["export_s"] = time.perf_counter() - start
@@ -392,7 +396,7 @@ class Bench:
 
     def phase(self, key: str, **spec: Any) -> dict | None:
         spec = {"name": self.name, "depth": self.args.depth, "threads": self.args.threads, "batch": self.args.batch,
-                "repeats": self.args.repeats, "device": self.args.device, **spec}
+                "repeats": self.args.repeats, "device": self.args.device, "no_fuse": self.args.no_fuse, **spec}
         result = run_guarded(self.script, spec, self.args.memory_limit_gb * 1024, self.args.timeout)
         if "killed" in result or "error" in result:
             self.row["failed"][key] = result.get("killed") or result.get("error")
@@ -479,7 +483,7 @@ def table(rows: list[dict], args: argparse.Namespace, peak: float | None, gemm: 
     header = ["encoder", "dim", "params (M)", "GFLOP/tile", "tile px", f"eager {base} tiles/s",
               f"ORT {fast} tiles/s", "ORT / eager", f"ORT {fast} GFLOP/s", rate_of,
               "ORT fp16 tiles/s" if args.device == "cpu" else "ORT fp32 tiles/s", "fp32 check", "fp16 rel L2 median / max",
-              "ABMIL top-k overlap", "peak RSS GB", "not run"]
+              "ABMIL top-k overlap", "fused (ORT optimizer)", "peak RSS GB", "not run"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("-" * (len(h) + 2) for h in header) + "|"]
     for row in rows:
         lines.append("| " + " | ".join(_cells(row, fast, base, peak, gemm, args.device)) + " |")
@@ -504,8 +508,19 @@ def _cells(row: dict, fast: str, base: str, peak: float | None, gemm: float | No
             _num(flops and flops / 1e9, ".1f"), str(row.get("tile_px", "")), _num(eager, ".2f"), _num(ort, ".2f"),
             _num(ort / eager if ort and eager else None, ".2f") + ("x" if ort and eager else ""),
             _num(achieved, ".0f"), _num(share, ".0f"), _num(other, ".2f"),
-            _num(row.get("fp32_check_rel_l2"), ".1e"), fp16, overlap, _num(max(rss) if rss else None, ".1f"),
+            _num(row.get("fp32_check_rel_l2"), ".1e"), fp16, overlap, _fusion((row.get(f"ort_{fast}") or {}).get("fusion")),
+            _num(max(rss) if rss else None, ".1f"),
             "; ".join(f"{k}: {v}" for k, v in row["failed"].items())]
+
+
+def _fusion(record: dict | None) -> str:
+    """The fusions export_encoder recorded in the graph's metadata: "off", or e.g. "Attention 24, LayerNorm 49"."""
+    if not record:
+        return ""
+    if not record.get("applied"):
+        return "off"
+    fused = record.get("fused") or {}
+    return ", ".join(f"{op} {count}" for op, count in sorted(fused.items()) if count) or "none matched"
 
 
 def section(rows: list[dict], args: argparse.Namespace, peak: float | None, gemm: float | None,
