@@ -332,7 +332,14 @@ def _graph(encoder: TileEncoder, tile_px: int | None, precision: str, fuse: bool
         proto = _to_onnx(encoder, tile_px)
     if not fuse:
         return proto, {"applied": False}
-    fused, record = vit_fusion.fuse(proto, *vit_fusion.vit_shape(encoder.backbone))
+    try:
+        fused, record = vit_fusion.fuse(proto, *vit_fusion.vit_shape(encoder.backbone))
+    except Exception as exc:  # the optimizer's failures have no common type (e.g. protobuf's 2 GB limit)
+        warnings.warn(f"attention fusion failed ({type(exc).__name__}: {str(exc)[:200]}); the graph is written "
+                      "unfused, in the layout onnxruntime's session optimizer fuses at load", stacklevel=3)
+        with _network_in(encoder, dtype), vit_fusion.fusable_layout(encoder.backbone):
+            proto = _to_onnx(encoder, tile_px)  # again: the optimizer edits the graph it was given in place
+        return proto, {"applied": False, "attention_blocks": swapped, "error": type(exc).__name__}
     changed = {op for op in set(record["ops_before"]) | set(record["ops_after"])
                if record["ops_before"].get(op, 0) != record["ops_after"].get(op, 0)}
     return fused, {

@@ -360,3 +360,21 @@ def test_cli_exports_a_small_timm_vit(tmp_path):
     assert result.exit_code == 0, result.output
     config = load_encoder(out, device="cpu").metadata.model_config
     assert config["fusion"]["fused"]["Attention"] == 12 and config["precision"] == "fp32"
+
+
+@pytest.mark.slow
+def test_a_failed_fusion_writes_the_unfused_graph(tmp_path, monkeypatch):
+    from mil_export import vit_fusion
+
+    def broken(proto, *args):
+        del proto.graph.node[:3]  # the optimizer edits the graph in place before it fails
+        raise ValueError("message too large")
+
+    monkeypatch.setattr(vit_fusion, "fuse", broken)
+    encoder = TileEncoder(_small_vit(), 64, 32)
+    with pytest.warns(UserWarning, match="fusion failed"):
+        path = export_encoder(encoder, tmp_path / "vit.onnx", name="vit")
+    runner = load_encoder(path, device="cpu")
+    assert runner.metadata.model_config["fusion"] == {"applied": False, "attention_blocks": 2, "error": "ValueError"}
+    tiles = _random_tiles(2, 32, 32)
+    assert _relative_l2(runner.encode(tiles), _eager(encoder, tiles)) <= PARITY_RTOL
