@@ -291,7 +291,7 @@ def export_encoder(
     `tiles` is uint8 [batch, height, width, 3] with all three axes symbolic, unless `tile_px` fixes
     height = width = tile_px (recorded in the metadata's model config). `precision="fp16"` runs the
     network in float16 (tiles in, preprocessing and features stay as in fp32). `fuse` applies
-    onnxruntime's attention / LayerNorm / GELU fusion (None: for timm ViT backbones). Graphs holding more
+    onnxruntime's attention / LayerNorm / GELU fusion (None: for ViT backbones). Graphs holding more
     than `external_data_threshold` bytes of weights are written as NAME.onnx + NAME.onnx.data.
     """
     path = Path(path)
@@ -301,7 +301,7 @@ def export_encoder(
         raise MilkitError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     fusable = vit_fusion.is_fusable_vit(encoder.backbone)
     if fuse and not fusable:
-        raise MilkitError(f"{name}: attention fusion needs a timm ViT backbone (blocks of timm's Attention)")
+        raise MilkitError(f"{name}: attention fusion needs a ViT backbone (timm blocks, or transformers ViT)")
     proto, fusion = _graph(encoder.eval(), tile_px, precision, fusable if fuse is None else fuse)
     external = needs_external_data(proto, external_data_threshold)
     config = {**encoder.preprocessing.to_config(), "tile_px": tile_px, "precision": precision, "fusion": fusion}

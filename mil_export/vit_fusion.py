@@ -11,10 +11,12 @@ also puts a Mul between the output projection and the residual Add, which breaks
 takes the first Add feeding the residual: in block 0 that is the position-embedding Add (x + pos_embed), so
 block 0 only fuses when the attention branch is the Add's first input.
 
-So, for the export only, each timm `Block` gets `FusableAttention`: the same weights (q, k, v as views of the
+transformers' ViT (Phikon) has separate q/k/v projections, but scales the scores by a Mul after the product,
+which no pattern expects. So, for the export only, each timm `Block` gets `FusableAttention`: the same weights (q, k, v as views of the
 packed qkv matrix; LayerScale folded into the output projection, which is exact in real arithmetic) in the
-layout above, and a forward that adds the attention branch before the residual. Both are undone afterwards;
-the eager model is never changed.
+layout above, and a forward that adds the attention branch before the residual; each transformers
+`ViTAttention` gets a forward that divides by sqrt(head_dim). All is undone afterwards; the eager model is
+never changed.
 """
 
 from __future__ import annotations
@@ -98,31 +100,70 @@ def attention_blocks(backbone: nn.Module) -> list[nn.Module]:
     return [m for m in backbone.modules() if type(m) is Block and _is_plain_timm_attention(m.attn)]
 
 
+def hf_attentions(backbone: nn.Module) -> list[nn.Module]:
+    """transformers' ViT attentions (Phikon) with biased q/k/v projections, which the pattern needs."""
+    try:
+        from transformers.models.vit.modeling_vit import ViTAttention
+    except ImportError:
+        return []
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj")
+    return [m for m in backbone.modules() if type(m) is ViTAttention
+            and all(getattr(getattr(m, p, None), "bias", None) is not None for p in projections)]
+
+
+def _hf_fusable_forward(attention: nn.Module, hidden_states: torch.Tensor, attention_mask: Any = None, **kwargs):
+    """transformers' ViTAttention.forward (eager) in the layout onnxruntime fuses: scores divided by
+    sqrt(head_dim) instead of multiplied by its inverse after the product, k transposed once.
+
+    `attention_mask` is ignored: ViTModel builds it from the attention_mask it was given, and milkit's
+    backbones give none (a tile has no padding), so it lets every token see every token.
+    """
+    batch, tokens, _ = hidden_states.shape
+    heads, head_dim = attention.num_attention_heads, attention.head_dim
+    split = (batch, tokens, heads, head_dim)
+    q = attention.q_proj(hidden_states).view(split).transpose(1, 2)  # (batch, heads, tokens, head_dim)
+    k = attention.k_proj(hidden_states).view(split).permute(0, 2, 3, 1)  # (batch, heads, head_dim, tokens)
+    v = attention.v_proj(hidden_states).view(split).transpose(1, 2)  # (batch, heads, tokens, head_dim)
+    scores = torch.matmul(q, k) / math.sqrt(head_dim)  # (batch, heads, tokens, tokens)
+    context = torch.matmul(scores.softmax(dim=-1), v).transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+    return attention.o_proj(context), None  # (batch, tokens, dim), no attention weights
+
+
 def is_fusable_vit(backbone: nn.Module) -> bool:
-    return bool(attention_blocks(backbone))
+    return bool(attention_blocks(backbone) or hf_attentions(backbone))
 
 
 def vit_shape(backbone: nn.Module) -> tuple[int, int]:
     """(num_heads, hidden_size) of the first swappable attention: what the optimizer needs."""
-    attention = attention_blocks(backbone)[0].attn
-    return int(attention.num_heads), int(attention.qkv.in_features)
+    blocks = attention_blocks(backbone)
+    if blocks:
+        return int(blocks[0].attn.num_heads), int(blocks[0].attn.qkv.in_features)
+    attention = hf_attentions(backbone)[0]
+    return int(attention.num_attention_heads), int(attention.q_proj.in_features)
 
 
 @contextlib.contextmanager
 def fusable_layout(backbone: nn.Module) -> Iterator[int]:
-    """Swap every plain timm attention (+ LayerScale) for FusableAttention; restore on exit. Yields the count."""
+    """Swap every plain timm attention (+ LayerScale) for FusableAttention and give transformers' ViT
+    attentions the fusable forward; restore on exit. Yields the number of attentions swapped."""
     swapped: list[tuple[nn.Module, nn.Module, nn.Module]] = []
+    rewired: list[nn.Module] = []
     try:
         for block in attention_blocks(backbone):
             layer_scale = getattr(block, "ls1", None)
             swapped.append((block, block.attn, layer_scale))
             block.attn = FusableAttention(block.attn, layer_scale)
             block.forward = functools.partial(_fusable_block_forward, block)  # instance attribute: undone below
-        yield len(swapped)
+        for attention in hf_attentions(backbone):  # already attention-first in its residual Add
+            rewired.append(attention)
+            attention.forward = functools.partial(_hf_fusable_forward, attention)
+        yield len(swapped) + len(rewired)
     finally:
         for block, attention, layer_scale in swapped:
             block.attn = attention
             del block.forward
+        for attention in rewired:
+            del attention.forward
 
 
 def op_counts(proto: Any) -> dict[str, int]:

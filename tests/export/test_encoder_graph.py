@@ -285,7 +285,7 @@ def _eager(encoder, tiles):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["uni_v1", "virchow2"])
+@pytest.mark.parametrize("name", ["uni_v1", "virchow2", "phikon"])
 def test_fused_vit_matches_eager(tmp_path, slide_tiles, name):
     """Every block's attention fuses (LayerScale folded, register tokens kept), and the graph still matches."""
     encoder = _build(name, depth=2)
