@@ -48,11 +48,15 @@ def encoder_command(name: str, weights: Path | None, output: Path | None, input_
     The graph takes uint8 RGB tiles [batch, H, W, 3] and returns float32 features [batch, D]; the resize
     (as torchvision's Resize + CenterCrop do on a PIL image) and mean/std normalisation are inside it.
     """
-    from mil_export.encoders import build_encoder, export_encoder
+    from mil_export.encoders import build_encoder, export_encoder, foundation_names
     from mil_runtime.encoder import encoder_filename
     from mil_runtime.session import file_identity
 
     output = output or Path(encoder_filename(name))
+    if check_tiles is not None and name not in foundation_names():  # say so before a long export
+        click.echo(f"mil-export: error: --check compares with a published pipeline, which only the foundation "
+                   f"encoders have ({', '.join(foundation_names())}), not {name!r}", err=True)
+        sys.exit(MilkitError.exit_code)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -378,3 +378,9 @@ def test_a_failed_fusion_writes_the_unfused_graph(tmp_path, monkeypatch):
     assert runner.metadata.model_config["fusion"] == {"applied": False, "attention_blocks": 2, "error": "ValueError"}
     tiles = _random_tiles(2, 32, 32)
     assert _relative_l2(runner.encode(tiles), _eager(encoder, tiles)) <= PARITY_RTOL
+
+
+def test_cli_check_needs_a_foundation_encoder(tmp_path):
+    result = _cli("tiny_cnn", "-o", tmp_path / "x.onnx", "--check", SLIDE)
+    assert result.exit_code == 1 and "only the foundation encoders" in result.output
+    assert not (tmp_path / "x.onnx").exists()  # refused before exporting
