@@ -132,21 +132,28 @@ def jobs_for(models: list[str], datasets: dict[str, str], repeats: int, folds: i
     return jobs
 
 
-def summarise(results: list[dict], model: str, dataset: str) -> dict:
-    """Mean ± std over repeats of accuracy (threshold 0.5) and AUROC on the pooled out-of-fold predictions."""
+def summarise(results: list[dict], model: str, dataset: str, folds: int = 10) -> dict:
+    """Mean ± std over repeats of accuracy (threshold 0.5) and AUROC on the pooled out-of-fold predictions.
+
+    Only complete repeats (all `folds` folds) count while there is one; a run cut short before its first
+    repeat finished is summarised over the folds it has, and marked partial.
+    """
     from sklearn.metrics import roc_auc_score
 
     rows = [r for r in results if r["model"] == model and r["dataset"] == dataset]
+    by_repeat = {rep: [r for r in rows if r["repeat"] == rep] for rep in sorted({r["repeat"] for r in rows})}
+    complete = {rep: group for rep, group in by_repeat.items() if len({r["fold"] for r in group}) >= folds}
+    chosen = complete or by_repeat
     accuracy, auroc = [], []
-    for repeat in sorted({r["repeat"] for r in rows}):
-        y = np.concatenate([r["y"] for r in rows if r["repeat"] == repeat])
-        p = np.concatenate([r["p"] for r in rows if r["repeat"] == repeat])
+    for group in chosen.values():
+        y = np.concatenate([r["y"] for r in group])
+        p = np.concatenate([r["p"] for r in group])
         accuracy.append(float(np.mean((p >= 0.5) == (y == 1))))
         auroc.append(float(roc_auc_score(y, p)))
-    folds = len({(r["repeat"], r["fold"]) for r in rows})
+    used = [r for group in chosen.values() for r in group]
     return {"model": model, "dataset": dataset, "accuracy": accuracy, "auroc": auroc, "repeats": len(accuracy),
-            "folds": folds, "seconds": float(sum(r["seconds"] for r in rows)),
-            "published": PUBLISHED.get((model, dataset))}
+            "folds": len(used), "partial": not complete, "of_folds": folds,
+            "seconds": float(sum(r["seconds"] for r in used)), "published": PUBLISHED.get((model, dataset))}
 
 
 def table(rows: list[dict], skipped: list[str]) -> str:
@@ -158,7 +165,8 @@ def table(rows: list[dict], skipped: list[str]) -> str:
         published = f"{pub[0]:.3f} ± {pub[1]:.3f} ({pub[2]})" if pub else "-"
         repeats = row.get("repeats", len(row["accuracy"]))
         folds = row.get("folds", 0) // max(repeats, 1)
-        lines.append(f"| {row['model']} | {row['dataset']} | {repeats} x {folds} | {_spread(row['accuracy'])} "
+        done = f"{row['folds']} of {row['of_folds']} folds (partial)" if row.get("partial") else f"{repeats} x {folds}"
+        lines.append(f"| {row['model']} | {row['dataset']} | {done} | {_spread(row['accuracy'])} "
                      f"| {_spread(row['auroc'])} | {published} | {row['seconds']:.0f} |")
     for name in skipped:
         lines.append(f"| {name} | - | - | needs spatial structure (graph or coords) | | | |")
@@ -220,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
 
     if args.combine:
-        print(table(combined(args.combine), skipped if args.models is None else []))
+        print(table(combined(args.combine, args.folds), skipped if args.models is None else []))
         return 0
 
     import torch
@@ -233,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     results = done + list(run_jobs(jobs, args.workers, args.fold_log))
     wall = time.perf_counter() - started
     ran = {(r["model"], r["dataset"]) for r in results}
-    rows = [summarise(results, model, dataset) for model in models for dataset in datasets if (model, dataset) in ran]
+    rows = [summarise(results, model, dataset, args.folds) for model in models for dataset in datasets
+            if (model, dataset) in ran]
     text = table(rows, skipped)
     print(f"{args.repeats} x {args.folds}-fold CV, {args.epochs} epochs; torch {torch.__version__}; "
           f"{platform.processor() or platform.machine()}; {args.workers} worker(s); wall {wall:.0f} s")
@@ -260,14 +269,14 @@ def run_jobs(jobs: list[dict], workers: int, fold_log: Path | None):
             yield logged(run_fold(job))
 
 
-def combined(paths: list[Path]) -> list[dict]:
+def combined(paths: list[Path], folds: int = 10) -> list[dict]:
     """Table rows of several runs' folds (fold logs or --json files); a fold present twice counts once."""
     results: dict[tuple, dict] = {}
     for path in paths:
         rows = json.loads(path.read_text())["results"] if path.suffix == ".json" else read_fold_log(path)
         results.update({_key(row): row for row in rows})
     pairs = sorted({(r["model"], r["dataset"]) for r in results.values()})
-    return [summarise(list(results.values()), model, dataset) for model, dataset in pairs]
+    return [summarise(list(results.values()), model, dataset, folds) for model, dataset in pairs]
 
 
 if __name__ == "__main__":
