@@ -186,11 +186,17 @@ def backbone_inputs(encoder, tiles: np.ndarray):
 
 
 def flops_per_tile(backbone, one_tile) -> int:
+    """FLOPs of one tile through the backbone, attention included.
+
+    FlopCounterMode has no formula for the CPU's fused SDPA kernel (it would count attention as 0), so
+    the count runs SDPA's math backend, whose matmuls it counts.
+    """
     import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), counter:
         backbone(one_tile)
     return int(counter.get_total_flops())
 

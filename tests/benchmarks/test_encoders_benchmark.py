@@ -91,3 +91,16 @@ def test_smoke_run_on_a_one_block_vit(tmp_path):
     assert row["eager_fp32"]["tiles_per_s"] > 0 and row["ort_fp32"]["tiles_per_s"] > 0
     assert row["fp32_check_rel_l2"] < 1e-4  # the graph and the eager backbone compute the same features
     assert (tmp_path / "s.md").read_text().startswith("## Benchmark\n")
+
+
+def test_flops_count_attention_by_hand(bench):
+    """One SDPA over (1, heads, T, d): QK^T and AV are 2 x T^2 x d multiply-adds per head = 4 T^2 d FLOPs."""
+    import torch
+    from torch import nn
+
+    class Attention(nn.Module):
+        def forward(self, x):  # (1, heads, T, d)
+            return nn.functional.scaled_dot_product_attention(x, x, x)
+
+    heads, tokens, width = 4, 50, 16
+    assert bench.flops_per_tile(Attention(), torch.randn(1, heads, tokens, width)) == 4 * heads * tokens ** 2 * width
