@@ -58,7 +58,8 @@ def build_models(folder: Path):
     from mil_export import export_onnx
     from mil_export.encoders import build_encoder, export_encoder
     from mil_runtime.contract import EncoderRef, Tiling
-    from mil_runtime.encoder import encoder_filename, sha256_file
+    from mil_runtime.encoder import encoder_filename
+    from mil_runtime.session import file_identity
     from mil_train.models import ABMIL
 
     with warnings.catch_warnings():
@@ -68,7 +69,7 @@ def build_models(folder: Path):
                                   tile_px=TILE_PX)
     torch.manual_seed(0)
     abmil = ABMIL(in_dim=1024, n_classes=1).eval()
-    ref = EncoderRef("resnet50_trunc", 1024, sha256_file(encoder_path))
+    ref = EncoderRef("resnet50_trunc", 1024, file_identity(encoder_path))
     model_path = export_onnx(abmil, folder / "abmil.onnx", encoder=ref, tiling=Tiling(TILE_PX, TILE_MPP))
     return encoder_path, model_path, encoder, abmil
 

@@ -107,10 +107,10 @@ def model_command(checkpoint, output, encoder_onnx, class_names, tile_px, mpp, o
     )
     metadata = read_metadata(path)
     from mil_export.pair import pair_encoder_path
-    from mil_runtime.encoder import sha256_file
+    from mil_runtime.session import file_identity
 
     beside = pair_encoder_path(path)
-    if metadata.encoder is not None and beside.is_file() and sha256_file(beside) == metadata.encoder.sha256:
+    if metadata.encoder is not None and beside.is_file() and file_identity(beside) == metadata.encoder.sha256:
         click.echo(f"wrote {beside}: the model's own encoder {metadata.encoder.name}, uint8 tiles in")
     outputs = (f"{metadata.n_classes} output(s) {metadata.names}" if metadata.is_classifier
                else f"{metadata.task_type} outputs {', '.join(metadata.outputs)}")

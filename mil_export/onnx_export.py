@@ -11,7 +11,6 @@ dynamic axis into a constant, which is why the program is exported instead.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import math
 import os
@@ -36,6 +35,7 @@ from mil_runtime.errors import (
     ModelFormatError,
     OutputError,
 )
+from mil_runtime.session import file_identity
 from mil_train.models import MILModel
 from mil_train.models.base import has_instance_classifier
 
@@ -439,14 +439,6 @@ def export_onnx(
     return path
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_metadata(path: str | os.PathLike) -> ModelMetadata:
     """The milkit metadata of an ONNX file, without loading its weights."""
     import onnx
@@ -474,7 +466,7 @@ def encoder_reference(encoder_onnx: str | os.PathLike, in_dim: int) -> tuple[Enc
             f"encoder {metadata.model_name} ({encoder_onnx}) gives {metadata.feature_dim}-d features but the "
             f"model takes {in_dim}-d; pass the encoder the model was trained on"
         )
-    reference = EncoderRef(name=metadata.model_name, output_dim=metadata.feature_dim, sha256=sha256_file(encoder_onnx),
+    reference = EncoderRef(name=metadata.model_name, output_dim=metadata.feature_dim, sha256=file_identity(encoder_onnx),
                            weights_sha256=(metadata.provenance or {}).get("weights_sha256"))
     return reference, metadata.tiling
 

@@ -84,7 +84,7 @@ def job_identity(job: CohortJob, metadata: Any = None) -> JobIdentity:
     `metadata`: the model's ModelMetadata when already loaded; else it is read from the file (CPU session).
     """
     from mil_runtime.encoder import find_encoder
-    from mil_runtime.session import sha256_file
+    from mil_runtime.session import file_identity, sha256_file
 
     if metadata is None:
         from mil_runtime.model import load_model
@@ -95,7 +95,7 @@ def job_identity(job: CohortJob, metadata: Any = None) -> JobIdentity:
         encoder_path = find_encoder(job.model_path, metadata, job.encoder_path)
     except MilkitError as exc:
         return JobIdentity(model_sha, None, None, str(exc), exc.exit_code)
-    return JobIdentity(model_sha, sha256_file(encoder_path), Path(encoder_path))
+    return JobIdentity(model_sha, file_identity(encoder_path), Path(encoder_path))
 
 
 def _feature_file_encoder_sha256(path: Path) -> str | None:

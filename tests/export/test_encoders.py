@@ -382,22 +382,32 @@ def test_cli_errors_are_one_line_with_exit_codes(tmp_path):
     assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "y.onnx").exists()
 
 
-def test_weights_sha256_travels_from_encoder_to_model_and_is_checked(tmp_path):
-    """mil-export model --encoder records the encoder's weights sha256; an encoder from other weights is refused."""
-    trained = TinyCNN()
-    weights = tmp_path / "tiny.pth"
-    torch.save(trained.state_dict(), weights)
-    encoder, info = build_encoder("tiny_cnn", weights)
-    path = export_encoder(encoder, tmp_path / "tiny_cnn.onnx", name="tiny_cnn", provenance=info)
+
+def test_model_records_the_encoder_weights_and_identity_with_external_data(tmp_path):
+    """mil-export model --encoder records the encoder's weights sha256 and the identity the runtime computes
+    (graph + external data); an encoder from other weights, or other data under the same graph, is refused."""
     from mil_export.onnx_export import encoder_reference
 
+    weights = tmp_path / "tiny.pth"
+    torch.save(TinyCNN().state_dict(), weights)
+    encoder, info = build_encoder("tiny_cnn", weights)
+    path = export_encoder(encoder, tmp_path / "tiny_cnn.onnx", name="tiny_cnn", provenance=info,
+                          external_data_threshold=0)
+    data = tmp_path / "tiny_cnn.onnx.data"
+    assert data.is_file()
     ref, _ = encoder_reference(path, 64)
     assert ref.weights_sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
+    runner = load_encoder(path)
+    assert ref.sha256 == runner.sha256 != hashlib.sha256(path.read_bytes()).hexdigest()
     meta = _mil_metadata(64, ref)
     assert ModelMetadata.from_props(meta.to_props()).encoder == ref  # survives the file's metadata
-    check_encoder_matches(meta, load_encoder(path))
+    check_encoder_matches(meta, runner)
     other = _mil_metadata(64, EncoderRef("tiny_cnn", 64, None, weights_sha256="f" * 64))
     with pytest.raises(ContractMismatchError, match="other weights"):
-        check_encoder_matches(other, load_encoder(path))
-    old = _mil_metadata(64, EncoderRef("tiny_cnn", 64, None))  # files without the key read as before
-    assert "weights_sha256" not in old.to_props()["milkit.encoder"]
+        check_encoder_matches(other, runner)
+    assert "weights_sha256" not in _mil_metadata(64, EncoderRef("tiny_cnn", 64)).to_props()["milkit.encoder"]
+    changed = bytearray(data.read_bytes())
+    changed[-1] ^= 0xFF  # other weights in the data file under the same graph file
+    data.write_bytes(bytes(changed))
+    with pytest.raises(ContractMismatchError, match="sha256"):
+        check_encoder_matches(_mil_metadata(64, EncoderRef("tiny_cnn", 64, ref.sha256)), load_encoder(path))
