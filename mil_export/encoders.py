@@ -15,6 +15,9 @@ Registry (`build_encoder`):
                    mean/std (the CLAM / TRIDENT baseline). Weights from a local file only.
   tiny_cnn         four convolutions + global average pool, 64-d at 96 px: demo bundle and fast tests.
   timm:<model>     any timm model (timm installed), num_classes=0, mean/std/input size from its config.
+  uni_v1, uni_v2, virchow2, gigapath, hoptimus0, phikon
+                   pathology foundation models by TRIDENT's names, with their published architecture,
+                   transform and token selection (mil_export/foundation.py, docs/encoders.md).
 Without weights every encoder gets a fixed-seed random init and a loud warning: its features mean nothing.
 """
 
