@@ -262,7 +262,7 @@ def phase_export(spec: dict) -> dict:
     encoder = build(spec["name"], spec["depth"])
     out: dict[str, Any] = {}
     kwargs = {"precision": spec["precision"]} if spec["precision"] != "fp32" else {}
-    if spec["no_fuse"]:
+    if spec.get("no_fuse"):
         kwargs["fuse"] = False
     missing = set(kwargs) - set(inspect.signature(export_encoder).parameters)
     if missing:
