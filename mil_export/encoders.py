@@ -24,6 +24,7 @@ Without weights every encoder gets a fixed-seed random init and a loud warning: 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import warnings
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from mil_runtime._version import __version__
 from mil_runtime.contract import BATCH_AXIS, ENCODER_OUTPUT, TILES, ModelMetadata
 from mil_runtime.encoder import sha256_file
 from mil_export import vit_fusion
-from mil_export.onnx_files import EXTERNAL_DATA_BYTES, data_file_name, needs_external_data, save_graph
+from mil_export.onnx_files import EXTERNAL_DATA_BYTES, data_file_name, save_graph, tensor_bytes
 from mil_export.pil_resample import INTERPOLATIONS, resize_crop
 from mil_export.weights import load_weights
 from mil_runtime.errors import MilkitError, OutputError
@@ -305,8 +306,8 @@ def export_encoder(
     fusable = vit_fusion.is_fusable_vit(encoder.backbone)
     if fuse and not fusable:
         raise MilkitError(f"{name}: attention fusion needs a ViT backbone (timm blocks, or transformers ViT)")
-    proto, fusion = _graph(encoder.eval(), tile_px, precision, fusable if fuse is None else fuse)
-    external = needs_external_data(proto, external_data_threshold)
+    graph, fusion, lifted = _graph(encoder.eval(), tile_px, precision, fusable if fuse is None else fuse)
+    external = tensor_bytes(graph, lifted) > external_data_threshold
     config = {**encoder.preprocessing.to_config(), "tile_px": tile_px, "precision": precision, "fusion": fusion}
     if external:
         config["external_data"] = [data_file_name(path)]
@@ -321,28 +322,39 @@ def export_encoder(
         provenance=dict(provenance or {}),
     )
     metadata.validate(str(path))
-    for key, value in metadata.to_props().items():
-        _set_prop(proto, key, value)
-    save_graph(proto, path, external=external)
+    props = metadata.to_props()
+    spatial = {1: HEIGHT_AXIS, 2: WIDTH_AXIS} if tile_px is None else {}
+
+    def finish(head: Any) -> None:  # the graph without its weights: cheap to edit
+        _rename_dims(head, spatial)
+        for key, value in props.items():
+            _set_prop(head, key, value)
+
+    save_graph(graph, path, external=external, edit=finish, lifted=lifted)
     return path
 
 
-def _graph(encoder: TileEncoder, tile_px: int | None, precision: str, fuse: bool) -> tuple[Any, dict[str, Any]]:
-    """The ONNX graph at `precision`, fused or not, and the fusion record for the metadata."""
+def _graph(encoder: TileEncoder, tile_px: int | None, precision: str,
+           fuse: bool) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """The ONNX graph at `precision`, fused or not (an onnx_ir Model, or a fused ModelProto), the fusion
+    record for the metadata, and the weights the fused graph holds as empty placeholders (by name)."""
     dtype = torch.float16 if precision == "fp16" else torch.float32
     layout = vit_fusion.fusable_layout(encoder.backbone) if fuse else contextlib.nullcontext(0)
     with _network_in(encoder, dtype), layout as swapped:
-        proto = _to_onnx(encoder, tile_px)
+        model = _to_onnx(encoder, tile_px)
     if not fuse:
-        return proto, {"applied": False}
+        return model, {"applied": False}, {}
+    proto, lifted = vit_fusion.light_proto(model)  # the optimizer edits a ModelProto
+    del model
+    gc.collect()
     try:
         fused, record = vit_fusion.fuse(proto, *vit_fusion.vit_shape(encoder.backbone))
     except Exception as exc:  # the optimizer's failures have no common type (e.g. protobuf's 2 GB limit)
         warnings.warn(f"attention fusion failed ({type(exc).__name__}: {str(exc)[:200]}); the graph is written "
                       "unfused, in the layout onnxruntime's session optimizer fuses at load", stacklevel=3)
         with _network_in(encoder, dtype), vit_fusion.fusable_layout(encoder.backbone):
-            proto = _to_onnx(encoder, tile_px)  # again: the optimizer edits the graph it was given in place
-        return proto, {"applied": False, "attention_blocks": swapped, "error": type(exc).__name__}
+            graph = _to_onnx(encoder, tile_px)  # again: the optimizer edits the graph it was given in place
+        return graph, {"applied": False, "attention_blocks": swapped, "error": type(exc).__name__}, {}
     changed = {op for op in set(record["ops_before"]) | set(record["ops_after"])
                if record["ops_before"].get(op, 0) != record["ops_after"].get(op, 0)}
     return fused, {
@@ -351,7 +363,7 @@ def _graph(encoder: TileEncoder, tile_px: int | None, precision: str, fuse: bool
         "fused": record["fusions"],
         "ops_before": {op: record["ops_before"].get(op, 0) for op in sorted(changed)},
         "ops_after": {op: record["ops_after"].get(op, 0) for op in sorted(changed)},
-    }
+    }, lifted
 
 
 @contextlib.contextmanager
@@ -397,9 +409,16 @@ def _to_onnx(encoder: TileEncoder, tile_px: int | None) -> Any:
         program, dynamo=True, input_names=[TILES], output_names=[ENCODER_OUTPUT], opset_version=OPSET,
         verbose=False,
     )
-    proto = onnx_program.model_proto
-    _rename_dims(proto, {1: HEIGHT_AXIS, 2: WIDTH_AXIS} if tile_px is None else {})
-    return proto
+    # the onnx_ir model, whose initializers are the torch tensors themselves: `model_proto` would copy
+    # every weight into protobuf; save_graph serializes them one at a time instead
+    model = onnx_program.model
+    for value in model.graph.initializers.values():
+        tensor = value.const_value  # the parameter itself: _network_in puts its fp32 data back in place later
+        if isinstance(getattr(tensor, "raw", None), torch.Tensor):
+            value.const_value = type(tensor)(tensor.raw.detach(), name=tensor.name)  # same storage, own tensor
+    del onnx_program, program
+    gc.collect()
+    return model
 
 
 def _rename_dims(proto: Any, spatial: dict[int, str]) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import gc
 import math
 from typing import Any, Iterator
 
@@ -185,6 +186,42 @@ def fuse(proto: Any, num_heads: int, hidden_size: int) -> tuple[Any, dict[str, A
     )
     fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
     model = optimized.model
+    del optimized  # its shape-inference helper holds a copy of the graph
+    gc.collect()
     if fused and not any(o.domain == MICROSOFT_DOMAIN for o in model.opset_import):
         model.opset_import.add(domain=MICROSOFT_DOMAIN, version=1)  # the fused ops' domain, for onnx.checker
     return model, {"fusions": fused, "ops_before": before, "ops_after": op_counts(model)}
+
+
+def light_proto(model: Any) -> tuple[Any, dict[str, Any]]:
+    """The ModelProto of onnx_ir `model` (consumed) for the optimizer, without the weights it never reads.
+
+    The optimizer's shape inference copies the whole graph, and onnx's inference inside it copies it again:
+    with the weights in, that is several copies of every weight. The attention fusion reads only the q/k/v
+    projections (MatMul -> Add -> Reshape), to pack them into one; every other MatMul weight (MLP, output
+    projection) is only rewired, so it goes in as an empty tensor of the same name, type and shape.
+    Returns (proto, {name: onnx_ir tensor} of the weights left out), for save_graph to write them.
+    """
+    import onnx_ir as ir
+
+    lifted = {}
+    for name, value in list(model.graph.initializers.items()):
+        if value.const_value is not None and value.const_value.nbytes >= 1024 and _only_rewired(value):
+            lifted[name] = model.graph.initializers.pop(name).const_value
+    proto = ir.to_proto(model)
+    for name, tensor in lifted.items():
+        proto.graph.initializer.add(name=name, dims=list(tensor.shape.numpy()), data_type=int(tensor.dtype))
+    return proto, lifted
+
+
+def _only_rewired(value: Any) -> bool:
+    """True for a MatMul weight (input 1 of every use) outside the MatMul -> Add -> Reshape of q, k, v."""
+    uses = list(value.uses())
+    return bool(uses) and all(node.op_type == "MatMul" and index == 1 and not _splits_into_heads(node)
+                              for node, index in uses)
+
+
+def _splits_into_heads(matmul: Any) -> bool:
+    """MatMul -> Add -> Reshape: a q, k or v projection, which the attention fusion reads to pack."""
+    return any(add.op_type == "Add" and any(r.op_type == "Reshape" for r, _ in add.outputs[0].uses())
+               for add, _ in matmul.outputs[0].uses())
