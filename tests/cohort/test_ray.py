@@ -395,6 +395,7 @@ def _run_inside(names: list[str], timeout: float) -> None:
     assert passed and int(passed.group(1)) == len(names), summary
 
 
+@pytest.mark.slow  # 11-15 s: moved out of the quick loop, which reached its 10-minute budget
 @pytest.mark.skipif(in_private_netns(), reason="already inside the namespace")
 def test_ray_quick_tests_in_a_private_network_namespace():
     _run_inside(QUICK, timeout=240)

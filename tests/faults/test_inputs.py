@@ -268,6 +268,7 @@ def test_mil_train_output_is_a_directory(tmp_path):
     assert list(tmp_path.glob("*.tmp*")) == [] and list(out.iterdir()) == []
 
 
+@pytest.mark.slow  # 11-15 s: moved out of the quick loop, which reached its 10-minute budget
 def test_mil_train_refuses_one_class_unless_asked(tmp_path):
     data = mil_csv(tmp_path / "bags.csv", _csv_rows(labels=[0] * 6))
     assert_refused(train(tmp_path, data), 6, "one class", "--allow-one-class")

@@ -45,6 +45,7 @@ def slide_model(tmp_path_factory) -> Path:
                        tiling={"tile_px": 112, "mpp": 2.0, "overlap": 0.0})
 
 
+@pytest.mark.slow  # 11-15 s: moved out of the quick loop, which reached its 10-minute budget
 def test_slide_then_its_feature_file_give_the_same_prediction(tmp_path, slide_model):
     if not SLIDE.exists():
         pytest.skip(f"{SLIDE} is missing")
@@ -88,6 +89,7 @@ def test_unreadable_slide_is_one_line(tmp_path, slide_model):
 
 
 @pytest.mark.faults
+@pytest.mark.slow  # 11-15 s: moved out of the quick loop, which reached its 10-minute budget
 def test_every_bad_slide_is_one_line_and_the_good_one_still_completes(tmp_path, slide_model):
     """One call, the bad slides of the issue first, a real slide last (given as a quoted glob)."""
     from mil_runtime.demo.synthetic_slide import write_blank_slide
