@@ -18,11 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mil_export.encoders import IMAGENET_MEAN, IMAGENET_STD, RANDOM_INIT_SEED
 from mil_runtime.errors import MilkitError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-FOUNDATION_SEED = 0
 TRIDENT_LOAD = "https://github.com/mahmoodlab/TRIDENT/blob/main/trident/patch_encoder_models/load.py"
 
 
@@ -235,7 +232,7 @@ def build_foundation(name: str, *, input_px: int | None = None, depth: int | Non
     if depth is not None and not 1 <= depth <= spec.depth:
         raise MilkitError(f"{name}: depth must be 1..{spec.depth}, got {depth}")
     with torch.random.fork_rng(devices=[]):  # a fixed init that leaves the caller's RNG alone
-        torch.manual_seed(FOUNDATION_SEED)
+        torch.manual_seed(RANDOM_INIT_SEED)
         trunk = build_trunk(spec, depth)
         _vivify(trunk)
     backbone = FoundationBackbone(trunk, spec, px).eval()
